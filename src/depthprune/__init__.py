@@ -1,0 +1,5 @@
+"""depthprune: find, remove and repair the least important layers of decoder LLMs."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""Atomic writing of output folders and files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from depthprune.errors import InputError, OutputExistsError
+
+
+def check_output(out: str | os.PathLike[str], force: bool) -> Path:
+    """Validate an output path before any work starts.
+
+    Args:
+        out: The file or folder to be written.
+        force: Whether an existing output may be replaced.
+
+    Returns:
+        The output as a ``Path``.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is false.
+        InputError: the parent folder of ``out`` does not exist.
+    """
+    path = Path(out)
+    if path.exists() and not force:
+        raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out`` only if the block succeeds.
+
+    The temporary folder is a sibling of ``out`` so the final rename stays on one file
+    system. On any error it is removed and ``out`` is left untouched.
+    """
+    path = check_output(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = True) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    target = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.absolute().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
