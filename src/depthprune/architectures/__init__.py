@@ -1,0 +1,231 @@
+"""Model families as data.
+
+Each ``*.json`` file in this folder describes one family of decoder models: where the
+list of decoder layers is, which attributes of a layer are the attention and MLP paths
+and their norms, which config keys change when blocks are removed, and whether the
+residual is parallel. The core code reads these files and holds no family-specific
+branches.
+
+Extra files can be supplied without editing the package: every folder listed in the
+environment variable ``DEPTHPRUNE_ARCH_PATH`` (``os.pathsep``-separated) is searched too,
+and its files take precedence over the built-in ones. See ``docs/architectures.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from depthprune.errors import UnsupportedArchitectureError
+
+_BUILTIN_DIR = Path(__file__).resolve().parent
+_ENV_PATH = "DEPTHPRUNE_ARCH_PATH"
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One residual path of a decoder layer (attention or MLP).
+
+    Attributes:
+        module: Attribute of the decoder layer that computes the path's update.
+        pre_norms: Attributes of the norms applied to the residual stream before ``module``.
+        post_norms: Attributes of the norms applied to ``module``'s output before the
+            residual add (Gemma2's sandwich norms).
+        cache_arg: Keyword under which the decoder layer passes the KV cache to the
+            attention module; ``None`` for an MLP.
+    """
+
+    module: str
+    pre_norms: tuple[str, ...] = ()
+    post_norms: tuple[str, ...] = ()
+    cache_arg: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What depthprune needs to know about one model family.
+
+    Attributes:
+        family: Short family name, e.g. ``"llama"``.
+        architectures: ``config.architectures[0]`` values that this file matches.
+        model_types: ``config.model_type`` values that this file matches.
+        layers: Dotted path from the top-level model to the decoder ``ModuleList``.
+        attn: The attention path.
+        mlp: The feed-forward path.
+        num_layers_key: Config key that holds the number of decoder layers.
+        per_layer_keys: Config keys holding one entry per layer, sliced on removal.
+        parallel_residual: ``True``/``False``, or ``(config_key, default)`` when the
+            config decides.
+        unsupported_config: Config values under which removal would change the math of
+            the remaining layers.
+        source: The file the spec was read from.
+    """
+
+    family: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    layers: str
+    attn: PathSpec
+    mlp: PathSpec
+    num_layers_key: str
+    per_layer_keys: tuple[str, ...] = ()
+    parallel_residual: bool | tuple[str, bool] = False
+    unsupported_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def is_parallel(self, config: Any) -> bool:
+        """Whether attention and MLP both read the block input (parallel residual)."""
+        if isinstance(self.parallel_residual, bool):
+            return self.parallel_residual
+        key, default = self.parallel_residual
+        return bool(getattr(config, key, default))
+
+    def path(self, kind: str) -> PathSpec:
+        """The :class:`PathSpec` of ``kind`` (``"attn"`` or ``"mlp"``)."""
+        if kind == "attn":
+            return self.attn
+        if kind == "mlp":
+            return self.mlp
+        raise ValueError(f"unknown sublayer kind {kind!r}; expected 'attn' or 'mlp'")
+
+
+_REQUIRED = ("family", "architectures", "model_types", "layers", "attn", "mlp", "config")
+_KNOWN = (*_REQUIRED, "parallel_residual", "unsupported_config", "notes")
+
+
+def _parse_path(data: dict[str, Any], where: str) -> PathSpec:
+    unknown = set(data) - {"module", "pre_norms", "post_norms", "cache_arg"}
+    if unknown or "module" not in data:
+        raise UnsupportedArchitectureError(
+            f"{where}: a path needs 'module' and may have 'pre_norms', 'post_norms', 'cache_arg'; "
+            f"got keys {sorted(data)}"
+        )
+    return PathSpec(
+        module=data["module"],
+        pre_norms=tuple(data.get("pre_norms", ())),
+        post_norms=tuple(data.get("post_norms", ())),
+        cache_arg=data.get("cache_arg"),
+    )
+
+
+def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ArchSpec:
+    """Build an :class:`ArchSpec` from the JSON form, rejecting unknown or missing keys."""
+    missing = [k for k in _REQUIRED if k not in data]
+    unknown = [k for k in data if k not in _KNOWN]
+    if missing or unknown:
+        raise UnsupportedArchitectureError(
+            f"architecture file {source}: missing keys {missing}, unknown keys {unknown}; "
+            f"expected keys {list(_KNOWN)}"
+        )
+    parallel = data.get("parallel_residual", False)
+    if isinstance(parallel, dict):
+        parallel = (parallel["config_key"], bool(parallel.get("default", False)))
+    cfg = data["config"]
+    if "num_layers" not in cfg:
+        raise UnsupportedArchitectureError(f"architecture file {source}: config.num_layers is required")
+    attn = _parse_path(data["attn"], f"{source}: attn")
+    if attn.cache_arg is None:
+        raise UnsupportedArchitectureError(f"architecture file {source}: attn.cache_arg is required")
+    return ArchSpec(
+        family=data["family"],
+        architectures=tuple(data["architectures"]),
+        model_types=tuple(data["model_types"]),
+        layers=data["layers"],
+        attn=attn,
+        mlp=_parse_path(data["mlp"], f"{source}: mlp"),
+        num_layers_key=cfg["num_layers"],
+        per_layer_keys=tuple(cfg.get("per_layer", ())),
+        parallel_residual=parallel,
+        unsupported_config=dict(data.get("unsupported_config", {})),
+        source=source,
+    )
+
+
+def _search_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get(_ENV_PATH, "").split(os.pathsep) if p]
+    return [*extra, _BUILTIN_DIR]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_specs(dirs: tuple[Path, ...]) -> tuple[ArchSpec, ...]:
+    specs: dict[str, ArchSpec] = {}
+    for folder in dirs:
+        for file in sorted(folder.glob("*.json")):
+            spec = parse_spec(json.loads(file.read_text(encoding="utf-8")), str(file))
+            specs.setdefault(spec.family, spec)  # earlier folders win
+    return tuple(specs.values())
+
+
+def all_specs() -> tuple[ArchSpec, ...]:
+    """Every known family: the files in ``DEPTHPRUNE_ARCH_PATH`` first, then the built-in ones."""
+    return _load_specs(tuple(_search_dirs()))
+
+
+def supported_families() -> list[str]:
+    """Sorted names of the supported families."""
+    return sorted(s.family for s in all_specs())
+
+
+def spec_for_config(config: Any) -> ArchSpec:
+    """Find the family of a Hugging Face config.
+
+    Matches ``config.architectures[0]`` first, then ``config.model_type``.
+
+    Raises:
+        UnsupportedArchitectureError: nothing matches; the message names the supported
+            families and says how to add one.
+    """
+    specs = all_specs()
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs:
+        for spec in specs:
+            if archs[0] in spec.architectures:
+                return spec
+    model_type = getattr(config, "model_type", None)
+    for spec in specs:
+        if model_type in spec.model_types:
+            return spec
+    shown = archs[0] if archs else "<none>"
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {shown!r} (model_type {model_type!r}); supported families: "
+        f"{', '.join(supported_families())}. To add one, write a JSON file like "
+        f"{_BUILTIN_DIR / 'llama.json'} and put its folder in ${_ENV_PATH} (see docs/architectures.md)"
+    )
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    """Return ``root``'s submodule at the dotted path, with a clear error when absent."""
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"{type(root).__name__} has no submodule {dotted!r}; the architecture file does not fit this model"
+        ) from exc
+
+
+def check_model(model: nn.Module, spec: ArchSpec) -> None:
+    """Check that a model has every module that ``spec`` names and no config the spec refuses.
+
+    Raises:
+        UnsupportedArchitectureError: a path is missing or a refused config value is set.
+    """
+    for key, bad in spec.unsupported_config.items():
+        if getattr(model.config, key, None) == bad:
+            raise UnsupportedArchitectureError(
+                f"{spec.family} models with {key}={bad!r} are not supported: removing layers would change "
+                f"the remaining ones ({spec.source})"
+            )
+    layers = get_submodule(model, spec.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedArchitectureError(
+            f"{spec.layers!r} of {type(model).__name__} is not a non-empty ModuleList ({spec.source})"
+        )
+    for path in (spec.attn, spec.mlp):
+        for name in (path.module, *path.pre_norms, *path.post_norms):
+            get_submodule(layers[0], name)

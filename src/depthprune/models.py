@@ -1,0 +1,149 @@
+"""Loading models and tokenizers from a local folder or the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from depthprune.architectures import ArchSpec, check_model, spec_for_config
+from depthprune.errors import DepthPruneError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM, its tokenizer (if any), its family spec and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any | None
+    spec: ArchSpec
+    source: str
+    local_dir: Path | None
+
+    @property
+    def n_layers(self) -> int:
+        from depthprune.units import ModelLayout
+
+        return ModelLayout(self.model, self.spec).n_layers
+
+
+def is_local_reference(name: str) -> bool:
+    """Whether ``name`` must be a local path (it exists, or cannot be a Hub id)."""
+    return os.path.exists(name) or not _HUB_ID.match(name) or name.startswith((".", "~"))
+
+
+def resolve_local(name: str) -> Path:
+    """Check that a local model reference is a model folder.
+
+    Raises:
+        ModelLoadError: the path does not exist, is a file, or has no ``config.json``.
+    """
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {name!r} does not exist; give a model folder or a Hub id such as org/name")
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{name!r} is a file, not a model folder; a llama2.c checkpoint is imported with "
+            "`depthprune convert-llama2c`"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{name!r} is not a Hugging Face model folder: it has no config.json "
+            "(expected config.json and safetensors weights, as written by save_pretrained)"
+        )
+    return path
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, Path | None]:
+    """Load a model's config only (cheap), from a local folder or the Hub."""
+    from transformers import AutoConfig
+
+    local = resolve_local(name) if is_local_reference(name) else None
+    try:
+        config = AutoConfig.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the config of {name!r}: {first}") from exc
+    return config, local
+
+
+def load_model(
+    name: str,
+    dtype: DType = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    load_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, and match it to a family spec.
+
+    The family is checked from the config before any weights are read, so an unsupported
+    model fails fast.
+
+    Args:
+        name: A local model folder or a Hugging Face Hub id.
+        dtype: ``auto`` keeps the checkpoint's dtype.
+        device: Where to put the model.
+        trust_remote_code: Allow code from the model repository to run. Off by default.
+        attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``).
+        load_tokenizer: Also load the tokenizer; a model without one gets ``None``.
+
+    Returns:
+        The :class:`LoadedModel`, in eval mode.
+
+    Raises:
+        ModelLoadError: the path or id cannot be loaded.
+        UnsupportedArchitectureError: no family file matches.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config, local = load_config(name, trust_remote_code)
+    spec = spec_for_config(config)
+    if local is not None and not any((local / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelLoadError(f"{name!r} has a config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local or name), config=config, **kwargs)
+    except DepthPruneError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {first}") from exc
+    model.to(device).eval()
+    check_model(model, spec)
+    tokenizer = load_tokenizer_for(name, local, trust_remote_code) if load_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)
+
+
+def load_tokenizer_for(name: str, local: Path | None, trust_remote_code: bool = False) -> Any | None:
+    """Load the tokenizer stored with a model, or return ``None`` when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("no tokenizer loaded for %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+        return None
