@@ -48,6 +48,7 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -58,6 +59,19 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(root: Path) -> None:
+    """Give a finished temporary tree the permissions of normally created files.
+
+    ``mkdtemp`` and some writers create owner-only files; an exported model is meant to
+    be read by others, as any file the user creates would be.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = True) -> Path:
