@@ -62,15 +62,15 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
 
 
 def _apply_umask(root: Path) -> None:
-    """Give a finished temporary tree the permissions of normally created files.
+    """Give a finished temporary file or tree the permissions of normally created files.
 
     ``mkdtemp`` and some writers create owner-only files; an exported model is meant to
     be read by others, as any file the user creates would be.
     """
     umask = os.umask(0)
     os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for p in root.rglob("*"):
+    root.chmod((0o777 if root.is_dir() else 0o666) & ~umask)
+    for p in root.rglob("*") if root.is_dir() else ():
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
@@ -82,6 +82,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = Tru
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
+        _apply_umask(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -37,6 +37,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove blocks and write a standard Hugging Face checkpoint")
     _add_model_args(p)
     p.add_argument("--remove", help="comma-separated units to remove, e.g. block.3,block.5")
+    p.add_argument("--plan", help="a plan.json from `depthprune plan` (or written by hand); instead of --remove")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
@@ -49,6 +50,7 @@ def _run_prune(args: argparse.Namespace) -> None:
     result = prune_model(
         args.model,
         remove=args.remove,
+        plan=args.plan,
         out=args.output,
         force=args.force,
         dtype=args.dtype,
@@ -62,6 +64,58 @@ def _run_prune(args: argparse.Namespace) -> None:
         f"{result.params_before:,} -> {result.params_after:,} parameters"
         + ("" if args.dry_run else f"; wrote {args.output}")
     )
+
+
+@command("plan")
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="choose the least important units from scores.json and write plan.json")
+    p.add_argument("scores", help="scores.json written by `depthprune score`")
+    p.add_argument("--metric", required=True, help="the metric to rank units by (higher = more important)")
+    p.add_argument("--units", default="block", choices=["block", "attn", "mlp"], help="kind of unit to remove (default: block)")
+    p.add_argument(
+        "--remove",
+        metavar="K|FRACTION",
+        help="how many to remove: a count K (e.g. 4) or a fraction of the candidates (e.g. 0.25); "
+        "a span metric removes one span",
+    )
+    p.add_argument("--keep-first", type=int, default=0, metavar="N", help="never remove units of the first N layers")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="never remove units of the last N layers")
+    p.add_argument(
+        "--replace",
+        default="none",
+        metavar="none|bias|lowrank:R",
+        help="what replaces each removed unit: none, bias or lowrank:R (default: none)",
+    )
+    p.add_argument("-o", "--output", help="the plan file to write (required unless --dry-run)")
+    p.add_argument("--force", action="store_true", help="replace an existing plan file")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from depthprune._fs import check_output
+    from depthprune.errors import InputError
+    from depthprune.plan import PlanConfig, format_plan, load_scores, make_plan, parse_budget, write_plan
+
+    if not args.dry_run:
+        if not args.output:
+            raise InputError("no output given; pass -o plan.json, or --dry-run to only print the plan")
+        check_output(args.output, args.force)
+    config = PlanConfig(
+        metric=args.metric,
+        units=args.units,
+        remove=None if args.remove is None else parse_budget(args.remove),
+        keep_first=args.keep_first,
+        keep_last=args.keep_last,
+        replace=args.replace,
+    )
+    plan = make_plan(load_scores(args.scores), config)
+    if args.dry_run:
+        print(format_plan(plan))
+        return
+    write_plan(plan, args.output, force=args.force)
+    units = [e["unit"] for e in plan["remove"]]
+    print(f"plan: remove {', '.join(units)} (lowest {config.metric}); wrote {args.output}")
 
 
 @command("convert-llama2c")
