@@ -1,0 +1,28 @@
+"""CLI subcommands, one module each.
+
+Every module here defines ``register(sub)``, which adds its subcommand(s) to the
+``argparse`` sub-parsers, with ``func`` set to a handler that takes the parsed
+arguments. :mod:`depthprune.cli` discovers and imports them all. Handlers raise
+:class:`depthprune.errors.DepthPruneError` for bad input; the CLI turns it into one line
+on stderr and exit code 2. Global flags every handler can read: ``args.quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The positional model and the loading flags shared by every command that loads one."""
+    p.add_argument("model", help="a local model folder or a Hugging Face Hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code from the model repository to run (off by default)"
+    )
+
+
+def add_output_args(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    """``-o/--output`` and ``--force``."""
+    p.add_argument("-o", "--output", required=required, help=what)
+    p.add_argument("--force", action="store_true", help="replace an existing output")
