@@ -61,8 +61,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
         hf_logging.disable_progress_bar()
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose", "--log-json")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Global flags may also be written after the subcommand.
+    argv = [a for a in argv if a in GLOBAL_FLAGS] + [a for a in argv if a not in GLOBAL_FLAGS]
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     try:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from depthprune.errors import InputError
 logger = logging.getLogger(__name__)
 
 DOC_SEPARATOR = "<|endoftext|>"
+# org/name[:config][@split], e.g. Salesforce/wikitext:wikitext-2-raw-v1@train
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?(@[\w.%:\[\]-]+)?$")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 2048
@@ -113,10 +116,10 @@ def read_texts(source: str | os.PathLike[str], text_field: str = "text") -> list
         texts = [t for f in files for t in _read_file(f, text_field)]
     elif path.is_file():
         texts = _read_file(path, text_field)
-    elif os.sep in str(source) or str(source).startswith(".") or path.suffix in TEXT_SUFFIXES:
-        raise InputError(f"data path {str(source)!r} does not exist")
-    else:
+    elif _DATASET_ID.match(str(source)) and path.suffix not in TEXT_SUFFIXES:
         texts = _read_hf_dataset(str(source), text_field)
+    else:
+        raise InputError(f"data path {str(source)!r} does not exist")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise InputError(f"data source {str(source)!r} holds no text")
