@@ -1,0 +1,106 @@
+"""``depthprune eval``: perplexity, MMLU and lm-eval tasks on a saved model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+SPEC_HELP = (
+    "a task spec KIND:TARGET[,key=value...]; repeat for several. "
+    "ppl:FILE[,seq_len=T][,stride=S][,bos=auto|none|stream|window][,documents=join|separate]; "
+    "mmlu:DIR[,limit=N][,shots=K][,subjects=a+b]; "
+    "lm_eval:TASK[,include_path=DIR][,limit=N][,shots=K]"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand."""
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model: perplexity, MMLU (paper's 5-shot protocol), any lm-eval task",
+        description="Evaluate a saved model on task specs and print a table; --json writes every number and its protocol.",
+    )
+    p.add_argument("model", help="a local model folder or a Hugging Face Hub id")
+    p.add_argument("--task", "-t", action="append", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--json", metavar="OUT", help="write the results, with each task's protocol, to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--batch-size", type=int, metavar="B", help="batch size of every task whose spec does not set one")
+    p.add_argument("--mask", metavar="UNITS", help="evaluate with these units masked, e.g. block.3,attn.5")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code from the model repository to run (off by default)"
+    )
+    p.add_argument("--quiet", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Parse every spec, load the model, evaluate, print a table, write --json."""
+    import contextlib
+
+    from depthprune._fs import check_output, write_json_atomic
+    from depthprune.errors import InputError
+    from depthprune.evaluate import evaluate, parse_task
+    from depthprune.models import load_model
+    from depthprune.units import mask_units, parse_units
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    defaults: dict[str, Any] = {"show_progress": not args.quiet}
+    if args.batch_size is not None:
+        defaults["batch_size"] = args.batch_size
+    specs = [parse_task(t, defaults) for t in args.task]  # fail on a typo before loading anything
+    if args.json:
+        check_output(args.json, args.force)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise InputError(f"{args.model!r} has no tokenizer; every evaluation task needs one")
+    masked = parse_units(args.mask, loaded.n_layers) if args.mask else []
+    guard = mask_units(loaded.model, masked, loaded.spec) if masked else contextlib.nullcontext()
+    with guard:
+        result = evaluate(loaded.model, loaded.tokenizer, specs, show_progress=not args.quiet, model_name=args.model)
+    result["masked"] = [str(u) for u in masked]
+    result["dtype"] = args.dtype
+    print_table(result)
+    if args.json:
+        write_json_atomic(args.json, result, force=args.force)
+        print(f"wrote {args.json}")
+
+
+def _row(spec: str, r: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    from depthprune.evaluate import task_score
+
+    value = f"{task_score(r):.4f}"
+    if r["task"] == "ppl":
+        p = r["protocol"]
+        return spec, "ppl", value, f"{r['n_scored']:,} tok", f"{p['mode']} T={p['seq_len']} S={p['stride']}"
+    if r["task"] == "mmlu":
+        return spec, "acc", value, f"{r['n']:,} q", f"macro {r['macro_accuracy']:.4f}, {r['protocol']['shots']}-shot"
+    n = sum(v.get("effective", 0) for v in r.get("n_samples", {}).values() if isinstance(v, dict))
+    return spec, r["metric"], value, f"{n:,} docs", ", ".join(r["tasks"])
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """Print one row per task: spec, metric, value, size, protocol summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.get('model')}" + (f" (masked: {', '.join(result['masked'])})" if result.get("masked") else ""))
+    table.add_column("task", overflow="fold", ratio=3)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("protocol", ratio=2)
+    table.add_column("s", justify="right", no_wrap=True)
+    for spec, r in result["tasks"].items():
+        table.add_row(*_row(_short(spec), r), f"{r['seconds']:.1f}")
+    Console().print(table)
+
+
+def _short(spec: str) -> str:
+    """``ppl:/long/path/wiki.test.raw,seq_len=512`` -> ``ppl:wiki.test.raw,seq_len=512``."""
+    kind, _, rest = spec.partition(":")
+    target, sep, options = rest.partition(",")
+    return f"{kind}:{Path(target).name or target}{sep}{options}"
