@@ -69,7 +69,7 @@ def test_unsupported_architecture(capsys: pytest.CaptureFixture[str], tmp_path: 
         ("block.one", ("unknown unit name",)),
         ("block.4", ("out of range", "4 layers")),
         ("block.0,block.1,block.2,block.3", ("cannot remove every block",)),
-        ("attn.1", ("cannot physically remove sublayers",)),
+        ("mlp.7", ("out of range", "4 layers")),
     ],
 )
 def test_bad_units(

@@ -175,13 +175,19 @@ def supported_families() -> list[str]:
 def spec_for_config(config: Any) -> ArchSpec:
     """Find the family of a Hugging Face config.
 
-    Matches ``config.architectures[0]`` first, then ``config.model_type``.
+    A depthprune export is matched on the family it records; any other config on
+    ``config.architectures[0]`` first, then ``config.model_type``.
 
     Raises:
         UnsupportedArchitectureError: nothing matches; the message names the supported
             families and says how to add one.
     """
     specs = all_specs()
+    info = getattr(config, "depthprune", None)
+    if isinstance(info, dict):  # a depthprune export names the family it was made from
+        for spec in specs:
+            if spec.family == info.get("family"):
+                return spec
     archs = list(getattr(config, "architectures", None) or [])
     if archs:
         for spec in specs:

@@ -1,4 +1,4 @@
-"""``depthprune prune``: remove blocks and export a standard checkpoint."""
+"""``depthprune prune``: remove units (optionally emulating them) and export the model."""
 
 from __future__ import annotations
 
@@ -8,10 +8,32 @@ from depthprune.commands import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="remove blocks and write a standard Hugging Face checkpoint")
+    from depthprune.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from depthprune.recover.emulate import DEFAULT_RIDGE
+
+    p = sub.add_parser(
+        "prune",
+        help="remove units, optionally emulate them, and export the model",
+        description="Only whole blocks, nothing emulated: a standard checkpoint of the same architecture. "
+        "Sublayers or emulators: a depthprune_<family> checkpoint that loads after `import depthprune` "
+        "(or a nemotron-nas config for vLLM with --format nemotron-nas, no emulators).",
+    )
     add_model_args(p)
-    p.add_argument("--remove", help="comma-separated units to remove, e.g. block.3,block.5")
+    p.add_argument("--remove", help="comma-separated units to remove, e.g. block.3,attn.5")
     p.add_argument("--plan", help="a plan.json from `depthprune plan` (or written by hand); instead of --remove")
+    p.add_argument(
+        "--recover",
+        metavar="none|bias|lowrank:R",
+        help="replace every removed unit by this emulation, fitted in closed form on --data (overrides the plan)",
+    )
+    p.add_argument("--data", help="calibration text for fitting emulators (as for `depthprune score --data`)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl records and datasets")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help=f"calibration sequences (default: {DEFAULT_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="T", help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN})")
+    p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when fitting (default: 8)")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"relative ridge of low-rank fits (default: {DEFAULT_RIDGE})")
+    p.add_argument("--format", default="hf", choices=["hf", "nemotron-nas"], help="export format (default: hf)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
@@ -26,11 +48,21 @@ def _run_prune(args: argparse.Namespace) -> None:
         remove=args.remove,
         plan=args.plan,
         out=args.output,
+        recover=args.recover,
+        data=args.data,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        text_field=args.text_field,
+        ridge=args.ridge,
+        batch_size=args.batch_size,
+        export_format=args.format,
         force=args.force,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         dry_run=args.dry_run,
+        show_progress=not args.quiet,
     )
     verb = "would remove" if args.dry_run else "removed"
     print(

@@ -1,0 +1,549 @@
+"""Emulated updates of removed units, fitted in closed form from one calibration pass.
+
+For a removed unit with input ``h`` (the raw residual stream entering it) and update
+``dh`` (what it adds to the stream, after any post-norm):
+
+- bias: ``dh ~ b`` with ``b = E[dh]``;
+- low-rank: ``dh ~ b + (h - mu) A B`` with ``mu = E[h]``, ``A`` of shape ``(D, r)`` and
+  ``B`` of shape ``(r, D)``, by reduced-rank ridge regression (Mukherjee & Zhu, 2011):
+  the full ridge solution ``W = (S_hh + lam I)^-1 S_hd`` on centred statistics, projected
+  onto the top-``r`` right singular subspace ``V_r`` of the ridge fitted values, i.e. the
+  top eigenvectors of ``W^T (S_hh + lam I) W``; then ``A = W V_r`` and ``B = V_r^T``.
+  This is the exact minimiser of ``||dh - b - (h - mu) M||^2 + lam ||M||^2`` over
+  ``rank(M) <= r``. At ``r = D`` it is the ridge solution, and at ``lam = 0`` ordinary
+  least squares.
+
+The ridge is relative: ``lam = ridge * trace(S_hh) / D`` (the mean variance of a
+feature), so one default (:data:`DEFAULT_RIDGE`) fits every model scale.
+
+Statistics come from one forward pass of the *unpruned* model over the calibration data,
+with hooks, for all units at once; every unit is fitted on its input and update in the
+original model. Per unit the pass keeps float64 running sums of ``h``, ``dh``,
+``h h^T`` and ``h dh^T`` (two ``D x D`` matrices, only for low-rank units), shifted by the
+first batch's means for numerical stability. No hidden state outlives its layer, and the
+pass stops after the last layer that holds a unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthprune.architectures import ArchSpec, get_submodule
+from depthprune.data import TokenBatches
+from depthprune.errors import InputError
+from depthprune.progress import progress
+from depthprune.recover.install import Installed, install_
+from depthprune.units import ModelLayout, Unit
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 1e-3
+_REPLACE_RE = re.compile(r"^(none|bias|lowrank:([1-9][0-9]*))$")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class BiasEmulator(nn.Module):
+    """Emulates an update by a constant: ``dh = b``.
+
+    Args:
+        bias: ``(D,)``.
+    """
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def empty(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> BiasEmulator:
+        """A zero emulator of width ``dim`` (to be trained, or filled from a checkpoint)."""
+        return cls(torch.zeros(dim, dtype=dtype, device=device))
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h) + self.bias.to(h.dtype)  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.bias.shape[0]}"
+
+
+class LowRankEmulator(nn.Module):
+    """Emulates an update by a rank-``r`` affine map: ``dh = b + (h - mu) A B``.
+
+    Args:
+        mu: ``(D,)`` input centre.
+        A: ``(D, r)``.
+        B: ``(r, D)``.
+        b: ``(D,)`` bias.
+    """
+
+    def __init__(self, mu: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> None:  # noqa: N803
+        super().__init__()
+        d, r = A.shape
+        if mu.shape != (d,) or B.shape != (r, d) or b.shape != (d,):
+            raise InputError(
+                f"low-rank emulator shapes disagree: mu {tuple(mu.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                f"b {tuple(b.shape)}; expected (D,), (D, r), (r, D), (D,)"
+            )
+        self.mu = nn.Parameter(mu.detach().clone())
+        self.A = nn.Parameter(A.detach().clone())
+        self.B = nn.Parameter(B.detach().clone())
+        self.bias = nn.Parameter(b.detach().clone())
+
+    @classmethod
+    def empty(cls, dim: int, rank: int, dtype: torch.dtype | None = None, device: Any = None) -> LowRankEmulator:
+        """A zero emulator (to be trained, or filled from a checkpoint)."""
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(z(dim), z(dim, rank), z(rank, dim), z(dim))
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.A.dtype) - self.mu  # (B, T, D)
+        return (x @ self.A) @ self.B + self.bias  # (B, T, r) -> (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.A.shape[0]}, rank={self.rank}"
+
+
+def parse_replace(value: str) -> tuple[str, int]:
+    """``"none"`` -> ``("none", 0)``, ``"bias"`` -> ``("bias", 0)``, ``"lowrank:8"`` -> ``("lowrank", 8)``.
+
+    Raises:
+        InputError: anything else.
+    """
+    match = _REPLACE_RE.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise InputError(f"unknown replacement {value!r}; expected none, bias or lowrank:R with R a positive integer")
+    kind = match.group(1).split(":")[0]
+    return kind, int(match.group(2) or 0)
+
+
+def empty_emulator(replace: str, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module | None:
+    """An untrained emulator for a ``replace`` value (``None`` for ``none``)."""
+    kind, rank = parse_replace(replace)
+    if kind == "none":
+        return None
+    if kind == "bias":
+        return BiasEmulator.empty(dim, dtype, device)
+    return LowRankEmulator.empty(dim, rank, dtype, device)
+
+
+def describe(emulator: nn.Module | None) -> str:
+    """The ``replace`` value that an emulator module implements."""
+    if emulator is None:
+        return "none"
+    if isinstance(emulator, BiasEmulator):
+        return "bias"
+    if isinstance(emulator, LowRankEmulator):
+        return f"lowrank:{emulator.rank}"
+    raise InputError(f"{type(emulator).__name__} is not a depthprune emulator; expected BiasEmulator or LowRankEmulator")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class UpdateStats:
+    """Streaming first and second moments of one unit's input ``h`` and update ``dh``.
+
+    Sums are float64 and taken around a shift (the first batch's means), which keeps the
+    centred covariance accurate when the stream has a large mean.
+
+    Attributes:
+        dim: Width ``D``.
+        second_moments: Keep the ``D x D`` sums (needed for low-rank fits only).
+    """
+
+    dim: int
+    second_moments: bool = True
+    n: int = 0
+    shift_h: torch.Tensor | None = None
+    shift_d: torch.Tensor | None = None
+    sum_h: torch.Tensor | None = None
+    sum_d: torch.Tensor | None = None
+    sum_hh: torch.Tensor | None = None
+    sum_hd: torch.Tensor | None = None
+
+    def add(self, h: torch.Tensor, dh: torch.Tensor) -> None:
+        """Add ``(M, D)`` rows of inputs and updates."""
+        if h.shape[0] == 0:
+            return
+        d64 = dh.detach().to(torch.float64)
+        if self.shift_d is None:
+            self.shift_d = d64.mean(0)
+            self.sum_d = torch.zeros_like(self.shift_d)
+        dc = d64 - self.shift_d  # (M, D)
+        self.sum_d += dc.sum(0)
+        if self.second_moments:
+            h64 = h.detach().to(torch.float64)
+            if self.shift_h is None:
+                self.shift_h = h64.mean(0)
+                self.sum_h = torch.zeros_like(self.shift_h)
+                self.sum_hh = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=h.device)
+                self.sum_hd = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=h.device)
+            hc = h64 - self.shift_h  # (M, D)
+            self.sum_h += hc.sum(0)
+            self.sum_hh.addmm_(hc.T, hc)
+            self.sum_hd.addmm_(hc.T, dc)
+        self.n += int(h.shape[0])
+
+    def _check(self, what: str) -> None:
+        if self.n == 0:
+            raise InputError(f"no calibration tokens reached this unit, so its {what} cannot be fitted; give more data")
+
+    def mean_update(self) -> torch.Tensor:
+        """``E[dh]``, float64 ``(D,)``."""
+        self._check("bias")
+        return self.shift_d + self.sum_d / self.n
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mu, b, cov_hh, cov_hd)``: means and centred (biased) covariances, float64."""
+        self._check("low-rank map")
+        if not self.second_moments:
+            raise InputError("these statistics were collected without second moments; a low-rank fit needs them")
+        mh = self.sum_h / self.n
+        md = self.sum_d / self.n
+        cov_hh = self.sum_hh / self.n - torch.outer(mh, mh)
+        cov_hd = self.sum_hd / self.n - torch.outer(mh, md)
+        return self.shift_h + mh, self.shift_d + md, cov_hh, cov_hd
+
+
+def solve_lowrank(
+    stats: UpdateStats, rank: int, ridge: float = DEFAULT_RIDGE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced-rank ridge regression of ``dh`` on ``h`` from streaming statistics.
+
+    Args:
+        stats: Moments of the unit's inputs and updates.
+        rank: ``r``; capped at ``D``.
+        ridge: Relative ridge: ``lam = ridge * trace(cov_hh) / D``; ``0`` for least squares.
+
+    Returns:
+        ``(mu, A, B, b)`` in float64, shapes ``(D,), (D, r), (r, D), (D,)``.
+    """
+    if rank < 1:
+        raise InputError(f"rank must be at least 1, got {rank}")
+    if ridge < 0 or not math.isfinite(ridge):
+        raise InputError(f"ridge must be a finite number >= 0, got {ridge}")
+    mu, b, cov_hh, cov_hd = stats.moments()
+    d = cov_hh.shape[0]
+    if rank > d:
+        logger.warning("rank %d is more than the width %d; using %d", rank, d, d)
+        rank = d
+    lam = ridge * float(torch.trace(cov_hh)) / d
+    reg = cov_hh + lam * torch.eye(d, dtype=cov_hh.dtype, device=cov_hh.device)
+    W = _solve_psd(reg, cov_hd)  # (D, D)  # noqa: N806
+    if rank == d:
+        return mu, W, torch.eye(d, dtype=W.dtype, device=W.device), b
+    fitted = cov_hd.T @ W  # = W^T (cov_hh + lam I) W, the fitted values' (augmented) Gram matrix
+    fitted = (fitted + fitted.T) / 2
+    _, vecs = torch.linalg.eigh(fitted)  # ascending eigenvalues
+    V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors  # noqa: N806
+    return mu, W @ V, V.T.contiguous(), b
+
+
+def _solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for symmetric positive semi-definite ``a``, via the pseudo-inverse when singular."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    logger.info("input covariance is singular (add ridge to avoid this); using the least-norm solution")
+    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
+
+
+# --------------------------------------------------------------------------- collection
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    """How to fit emulated updates.
+
+    Attributes:
+        ridge: Relative ridge of low-rank fits: ``lam = ridge * trace(cov(h)) / D``.
+        batch_size: Sequences per forward pass.
+        show_progress: Show a progress bar on a terminal.
+    """
+
+    ridge: float = DEFAULT_RIDGE
+    batch_size: int = 8
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
+            math.isfinite(self.ridge) and self.ridge >= 0
+        ):
+            raise InputError(f"ridge {self.ridge!r} is invalid; expected a finite number >= 0 (default {DEFAULT_RIDGE})")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size!r} is invalid; expected a whole number >= 1")
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last layer that holds a unit, to skip the rest of the model."""
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class UpdateCollector:
+    """Hooks that feed :class:`UpdateStats` of many units from forward passes.
+
+    Args:
+        layout: The model and its family spec.
+        wanted: Unit -> whether its ``D x D`` second moments are needed.
+    """
+
+    layout: ModelLayout
+    wanted: dict[Unit, bool]
+    stats: dict[Unit, UpdateStats] = field(default_factory=dict)
+    stop_early: bool = True
+    _select: Any = None
+    _h_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    _h_mid: dict[int, torch.Tensor] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        dim = int(self.layout.model.config.hidden_size)
+        self.stats = {u: UpdateStats(dim, second) for u, second in self.wanted.items()}
+        self.last_layer = max((u.index for u in self.wanted), default=-1)
+
+    def _last(self, layer: nn.Module, kind: str) -> nn.Module:
+        path = self.layout.spec.path(kind)
+        return get_submodule(layer, path.post_norms[-1] if path.post_norms else path.module)
+
+    def attach(self) -> None:
+        spec, parallel = self.layout.spec, self.layout.parallel
+        for i in sorted({u.index for u in self.wanted}):
+            layer = self.layout.layers[i]
+            units = {u.kind: u for u in self.wanted if u.index == i}
+
+            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                self._h_in[i] = args[0] if args else kwargs["hidden_states"]
+
+            self._handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            if "attn" in units:
+
+                def on_attn(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit = units["attn"]) -> None:
+                    self._add(u, self._h_in[i], _hidden(out))
+
+                self._handles.append(self._last(layer, "attn").register_forward_hook(on_attn))
+            if "mlp" in units:
+                if not parallel and spec.mlp.pre_norms:
+
+                    def on_mid(_m: nn.Module, args: tuple, i: int = i) -> None:
+                        self._h_mid[i] = args[0]
+
+                    tap = get_submodule(layer, spec.mlp.pre_norms[0])
+                    self._handles.append(tap.register_forward_pre_hook(on_mid))
+                elif not parallel:
+
+                    def on_mid_own(_m: nn.Module, args: tuple, i: int = i) -> None:
+                        self._h_mid[i] = args[0]
+
+                    self._handles.append(get_submodule(layer, spec.mlp.module).register_forward_pre_hook(on_mid_own))
+
+                def on_mlp(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit = units["mlp"]) -> None:
+                    self._add(u, self._h_in[i] if parallel else self._h_mid[i], _hidden(out))
+
+                self._handles.append(self._last(layer, "mlp").register_forward_hook(on_mlp))
+
+            def post(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit | None = units.get("block")) -> None:
+                if u is not None:
+                    h_out = _hidden(out)
+                    self._add(u, self._h_in[i], h_out - self._h_in[i])
+                self._h_in.pop(i, None)
+                self._h_mid.pop(i, None)
+                if self.stop_early and i == self.last_layer:
+                    raise _StopForward
+
+            self._handles.append(layer.register_forward_hook(post))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._h_in.clear()
+        self._h_mid.clear()
+
+    def set_tokens(self, attention_mask: torch.Tensor) -> None:
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            self._select = lambda x: x.reshape(-1, x.shape[-1])
+        else:
+            self._select = lambda x: x[mask]
+
+    def _add(self, unit: Unit, h: torch.Tensor, dh: torch.Tensor) -> None:
+        h2, d2 = self._select(h), self._select(dh)  # (M, D)
+        if not bool(torch.isfinite(d2).all()):
+            raise InputError(
+                f"non-finite activations at {unit}: the model's weights or dtype are broken; "
+                "check the checkpoint, or try --dtype float32"
+            )
+        self.stats[unit].add(h2, d2)
+
+
+@torch.no_grad()
+def collect_updates(
+    model: nn.Module,
+    data: TokenBatches,
+    units: Mapping[Unit, bool] | Iterable[Unit],
+    *,
+    spec: ArchSpec | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[Unit, UpdateStats]:
+    """One pass over ``data`` that returns the update statistics of every unit.
+
+    Args:
+        model: The unpruned model.
+        data: Calibration batches.
+        units: Units, or unit -> whether its second moments are needed (default: yes).
+        spec: The family spec; looked up from ``model.config`` when omitted.
+        batch_size: Sequences per forward pass.
+        show_progress: Show a progress bar on a terminal.
+    """
+    layout = ModelLayout.of(model, spec)
+    wanted = dict(units) if isinstance(units, Mapping) else {u: True for u in units}
+    layout.check_units(wanted)
+    collector = UpdateCollector(layout, wanted)
+    device = next(model.parameters()).device
+    collector.attach()
+    try:
+        for ids, mask in progress(list(data.batches(batch_size)), desc="fit emulators", disable=not show_progress):
+            collector.set_tokens(mask.to(device))
+            with contextlib.suppress(_StopForward):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        collector.detach()
+    return collector.stats
+
+
+def emulator_from_stats(
+    stats: UpdateStats, replace: str, ridge: float = DEFAULT_RIDGE, dtype: torch.dtype | None = None
+) -> nn.Module | None:
+    """Build the emulator of ``replace`` (``none``, ``bias``, ``lowrank:R``) from statistics."""
+    kind, rank = parse_replace(replace)
+    if kind == "none":
+        return None
+    if kind == "bias":
+        return BiasEmulator(stats.mean_update().to(dtype or torch.float32))
+    mu, A, B, b = solve_lowrank(stats, rank, ridge)  # noqa: N806
+    cast = dtype or torch.float32
+    return LowRankEmulator(mu.to(cast), A.to(cast), B.to(cast), b.to(cast))
+
+
+def fit_emulators(
+    model: nn.Module,
+    data: TokenBatches,
+    plan: Mapping[Unit, str] | Iterable[tuple[Unit, str]],
+    config: EmulationConfig | None = None,
+    spec: ArchSpec | None = None,
+) -> dict[Unit, nn.Module | None]:
+    """Fit the emulator of every planned unit in one pass over ``data``.
+
+    Args:
+        model: The unpruned model; it is not changed.
+        data: Calibration batches.
+        plan: Unit -> ``none``, ``bias`` or ``lowrank:R``.
+        config: Fit options.
+        spec: The family spec; looked up from ``model.config`` when omitted.
+
+    Returns:
+        Unit -> emulator module in the model's dtype and device (``None`` for ``none``).
+    """
+    config = config or EmulationConfig()
+    entries = dict(plan.items() if isinstance(plan, Mapping) else plan)
+    kinds = {u: parse_replace(r)[0] for u, r in entries.items()}
+    need = {u: k == "lowrank" for u, k in kinds.items() if k != "none"}
+    stats = {}
+    if need:
+        stats = collect_updates(model, data, need, spec=spec, batch_size=config.batch_size, show_progress=config.show_progress)
+    param = next(model.parameters())
+    out: dict[Unit, nn.Module | None] = {}
+    for unit, replace in entries.items():
+        emulator = emulator_from_stats(stats[unit], replace, config.ridge, param.dtype) if unit in stats else None
+        out[unit] = emulator.to(param.device) if emulator is not None else None
+    logger.info("fitted %d emulators on %d tokens", sum(e is not None for e in out.values()), data.info.n_tokens)
+    return out
+
+
+# --------------------------------------------------------------------------- installing
+
+
+def emulate_(
+    model: nn.Module, replacements: Mapping[Unit, nn.Module | None], spec: ArchSpec | None = None
+) -> Installed:
+    """Remove units in place, emulating those with an emulator; returns the undo handle.
+
+    See :mod:`depthprune.recover.install` for how the emulator is fed the raw stream.
+    """
+    return install_(model, replacements, spec)
+
+
+@contextlib.contextmanager
+def emulate(
+    model: nn.Module, replacements: Mapping[Unit, nn.Module | None], spec: ArchSpec | None = None
+) -> Iterator[Installed]:
+    """Inside the block, ``replacements`` stand in for their units; the model is restored exactly on exit."""
+    handle = install_(model, replacements, spec)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class RecoverResult:
+    """What :func:`recover_` did.
+
+    Attributes:
+        replacements: Unit -> emulator (``None`` for plain removal), now in the model.
+        handle: Undo handle of the installation.
+        n_tokens: Calibration tokens the fit used.
+    """
+
+    replacements: dict[Unit, nn.Module | None]
+    handle: Installed
+    n_tokens: int
+
+
+def recover_(
+    model: nn.Module,
+    plan: Mapping[Unit, str] | Iterable[tuple[Unit, str]],
+    data: TokenBatches | None,
+    config: EmulationConfig | None = None,
+    spec: ArchSpec | None = None,
+) -> RecoverResult:
+    """Fit emulators for ``plan`` and install them (and the plain removals) in place.
+
+    Raises:
+        InputError: an emulated unit is planned but no ``data`` is given.
+    """
+    entries = dict(plan.items() if isinstance(plan, Mapping) else plan)
+    emulated = [str(u) for u, r in entries.items() if parse_replace(r)[0] != "none"]
+    if emulated and data is None:
+        raise InputError(f"{', '.join(emulated)} must be emulated, which needs calibration data; pass --data")
+    replacements: dict[Unit, nn.Module | None] = dict.fromkeys(entries)
+    if emulated:
+        replacements = fit_emulators(model, data, entries, config, spec)  # type: ignore[arg-type]
+    handle = install_(model, replacements, spec)
+    return RecoverResult(replacements=replacements, handle=handle, n_tokens=data.info.n_tokens if data else 0)

@@ -1,0 +1,281 @@
+"""Exports with removed sublayers and emulators: round trips, Auto classes, KV cache, nemotron-nas."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import depthprune
+from conftest import FAMILIES, tiny_model
+from depthprune.api import prune_model
+from depthprune.data import context_length, load_calibration
+from depthprune.errors import InputError, ModelLoadError
+from depthprune.export import export, read_manifest
+from depthprune.modeling import depthprune_info, is_depthpruned, spec_of, to_depthpruned_
+from depthprune.models import load_model
+from depthprune.recover import BiasEmulator, EmulationConfig, emulate, fit_emulators, kv_cache_bytes
+from depthprune.units import Unit, mask_units
+
+PLAN = {"attn.1": "none", "mlp.2": "bias", "block.0": "lowrank:4", "block.3": "none"}
+CALIB = dict(n_samples=6, seq_len=16)
+IDS = torch.tensor([[1, 5, 9, 40, 41, 42, 7, 8, 100, 200, 300, 12], [1, 50, 60, 70, 80, 90, 91, 92, 93, 94, 95, 96]])
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 80)
+    return path
+
+
+def _plan_file(folder: Path, entries: dict[str, str]) -> Path:
+    path = folder / "plan.json"
+    path.write_text(json.dumps({"remove": [{"unit": u, "replace": r} for u, r in entries.items()]}))
+    return path
+
+
+@torch.no_grad()
+def _reference_logits(model_dir: Path, text: Path, entries: dict[str, str]) -> torch.Tensor:
+    """Logits of the unpruned model with the plan emulated in memory, fitted as prune_model fits."""
+    loaded = load_model(str(model_dir), dtype="float32")
+    calib = load_calibration(
+        text, loaded.tokenizer, n_sequences=CALIB["n_samples"], seq_len=CALIB["seq_len"], max_context=context_length(loaded.model)
+    )
+    table = {Unit.parse(u): r for u, r in entries.items()}
+    fitted = fit_emulators(loaded.model, calib, table, EmulationConfig(show_progress=False))
+    with emulate(loaded.model, fitted):
+        return loaded.model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dirs: dict[str, Path], text: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every family pruned with the mixed plan through prune_model."""
+    root = tmp_path_factory.mktemp("exports")
+    plan = _plan_file(root, PLAN)
+    outs = {}
+    for family in FAMILIES:
+        out = root / family
+        prune_model(str(tiny_model_dirs[family]), plan=plan, out=out, data=text, dtype="float32", show_progress=False, **CALIB)
+        outs[family] = out
+    return outs
+
+
+def test_export_round_trips_for_every_family(
+    family: str, exported: dict[str, Path], tiny_model_dirs: dict[str, Path], text: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = exported[family]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"depthprune_{family}"
+    assert config["architectures"][0].startswith("DepthPruned")
+    info = config["depthprune"]
+    assert info["family"] == family and info["n_layers_source"] == 4
+    assert {(e["unit"], e["layer"], e["replace"]) for e in info["units"]} == {
+        ("block.0", 0, "lowrank:4"),
+        ("attn.1", 1, "none"),
+        ("mlp.2", 2, "bias"),
+    }
+    manifest = read_manifest(out)
+    assert manifest["removed"] == ["attn.1", "block.0", "block.3", "mlp.2"]
+    assert manifest["emulated"] == {"mlp.2": "bias", "block.0": "lowrank:4"}
+    assert manifest["recover"]["calibration"]["n_sequences"] == CALIB["n_samples"]
+    by_load = depthprune.load(out)
+    spec = spec_of(by_load)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {f"{spec.layers}.0.{spec.attn.module}.emulator.{p}" for p in ("A", "B", "mu", "bias")} <= names
+    assert {f"{spec.layers}.2.{spec.mlp.module}.emulator.bias"} <= names
+    assert not any(n.startswith(f"{spec.layers}.1.{spec.attn.module}.") for n in names)  # removed attention
+
+    ref = _reference_logits(tiny_model_dirs[family], text, PLAN)
+    by_auto = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(by_load).__name__ == config["architectures"][0] == type(by_auto).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(by_load(IDS).logits, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(by_auto(IDS).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_plain_transformers_refuses_export_and_auto_works_after_import(exported: dict[str, Path], tmp_path: Path) -> None:
+    out = exported["llama"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    plain = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"try:\n    AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        "except Exception as exc:\n    print('REFUSED', type(exc).__name__, str(exc).splitlines()[0]); sys.exit(0)\n"
+        "print('LOADED'); sys.exit(1)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "REFUSED" in run.stdout and "depthprune_llama" in run.stdout
+
+    # In a fresh interpreter, importing depthprune first is enough for the Auto classes.
+    ref = tmp_path / "ref.safetensors"
+    with torch.no_grad():
+        save_file({"logits": depthprune.load(out)(IDS).logits.contiguous(), "ids": IDS}, ref)
+    after = (
+        "import depthprune, sys\n"
+        "from safetensors.torch import load_file\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"ref = load_file({str(ref)!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        "diff = (model(ref['ids']).logits - ref['logits']).abs().max().item()\n"
+        "print(type(model).__name__, diff); sys.exit(0 if diff < 1e-5 else 1)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "DepthPrunedLlamaForCausalLM" in run.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi"])
+def test_generate_with_cache_on_attention_removed_export(family: str, tmp_path: Path) -> None:
+    from transformers import DynamicCache
+
+    model = tiny_model(family)
+    units = [Unit("attn", 0), Unit("attn", 2)]
+    ids = IDS[:, :10]
+    with torch.no_grad():
+        full = model(ids, use_cache=True).cache
+        kept_bytes = sum(kv_cache_bytes(SimpleNamespace(layers=[layer])) for i, layer in enumerate(full.layers) if i not in (0, 2))
+        with mask_units(model, units):
+            placeholder_bytes = kv_cache_bytes(model(ids, use_cache=True).cache)
+    to_depthpruned_(model, dict.fromkeys(units))
+    export(model, tmp_path / "out")
+    loaded = depthprune.load(tmp_path / "out")
+    with torch.no_grad():
+        out = loaded(ids, use_cache=True)
+        cache_bytes = kv_cache_bytes(out.cache)
+        assert [type(layer).__name__ for layer in out.cache.layers][0] == "DummyLayer"
+        assert cache_bytes == kept_bytes < placeholder_bytes < kv_cache_bytes(full)  # removed layers hold nothing
+        cached = loaded.generate(ids[:, :5], max_new_tokens=8, do_sample=False)
+        uncached = loaded.generate(ids[:, :5], max_new_tokens=8, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        cache = DynamicCache(config=loaded.config)  # chunked prefill
+        chunks = [loaded(ids[:, :4], cache=cache, use_cache=True).logits, loaded(ids[:, 4:], cache=cache, use_cache=True).logits]
+        torch.testing.assert_close(torch.cat(chunks, 1), loaded(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_model_without_any_attention_still_generates(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    to_depthpruned_(model, {Unit("attn", i): None for i in range(4)})
+    export(model, tmp_path / "out")
+    loaded = depthprune.load(tmp_path / "out")
+    with torch.no_grad():
+        cached = loaded.generate(IDS[:, :5], max_new_tokens=6, do_sample=False)
+        assert torch.equal(cached, loaded.generate(IDS[:, :5], max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_to_depthpruned_counts_and_info() -> None:
+    model = tiny_model("qwen2")
+    before = sum(p.numel() for p in model.parameters())
+    result = to_depthpruned_(model, {Unit("block", 1): None, Unit("mlp", 3): None})
+    assert result.n_layers_before == 4 and result.n_layers_after == 3
+    assert result.index_map == {0: 0, 1: None, 2: 1, 3: 2}
+    assert result.params_before == before > result.params_after
+    assert is_depthpruned(model) and spec_of(model).family == "qwen2"
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]  # sliced with the block
+    assert depthprune_info(model.config)["units"] == [{"unit": "mlp.3", "layer": 2, "replace": "none"}]
+    with pytest.raises(ModelLoadError, match="no valid 'depthprune' entry"):
+        depthprune_info(tiny_model("qwen2").config)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needles"),
+    [
+        ({"plan": {"block.1": "bias"}}, ("block.1 -> bias", "--data")),
+        ({"remove": "block.1,attn.1"}, ("attn.1", "overlap a removed block")),
+        ({"remove": "attn.1", "recover": "lowrank"}, ("--recover value", "lowrank:R")),
+        ({"remove": "attn.1", "export_format": "onnx"}, ("unknown export format",)),
+        ({"plan": {"attn.1": "bias"}, "data": "TEXT", "export_format": "nemotron-nas"}, ("no_op only", "attn.1 -> bias")),
+    ],
+)
+def test_prune_model_refuses_before_loading(
+    kwargs: dict, needles: tuple[str, ...], tiny_model_dirs: dict[str, Path], tmp_path: Path, text: Path
+) -> None:
+    if isinstance(kwargs.get("plan"), dict):
+        kwargs = {**kwargs, "plan": _plan_file(tmp_path, kwargs["plan"])}
+    if kwargs.get("data") == "TEXT":
+        kwargs = {**kwargs, "data": text}
+    with pytest.raises(InputError) as err:
+        prune_model(str(tiny_model_dirs["llama"]), out=tmp_path / "out", **kwargs)
+    for needle in needles:
+        assert needle in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _decilm_module(path: Path):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("configuration_decilm_test", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path / "nas"
+    plan = _plan_file(tmp_path, {"attn.1": "none", "mlp.2": "none", "block.3": "none"})
+    prune_model(str(tiny_model_dirs["llama"]), plan=plan, out=out, export_format="nemotron-nas", dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+    blocks = config["block_configs"]
+    assert config["num_hidden_layers"] == len(blocks) == 3
+    assert [(b["attention"]["no_op"], b["ffn"]["no_op"]) for b in blocks] == [(False, False), (True, False), (False, True)]
+    assert blocks[0]["attention"] == {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2}
+    assert blocks[0]["ffn"]["intermediate_size"] == 64 and "ffn_mult" not in blocks[0]["ffn"]  # 64 is not a multiple of 256
+    assert read_manifest(out)["format"] == "nemotron-nas"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    # DeciLM builds no module (and no norm) for a no-op sublayer, so none may be in the checkpoint.
+    assert not any(n.startswith(("model.layers.1.self_attn.", "model.layers.1.input_layernorm")) for n in names)
+    assert not any(n.startswith(("model.layers.2.mlp.", "model.layers.2.post_attention_layernorm")) for n in names)
+    assert "model.layers.2.input_layernorm.weight" in names and "model.layers.1.post_attention_layernorm.weight" in names
+
+    decilm = _decilm_module(out / "configuration_decilm.py").DeciLMConfig(**config)
+    assert decilm.block_configs[1].attention.no_op and decilm.block_configs[2].ffn.no_op
+    assert not hasattr(decilm.block_configs[0].ffn, "ffn_mult")
+
+    # DeciLM semantics: a Llama whose no-op sublayers add nothing.
+    llama_keys = {k: v for k, v in config.items() if k not in ("block_configs", "auto_map", "model_type", "architectures")}
+    reference = LlamaForCausalLM(LlamaConfig(**llama_keys, intermediate_size=64, num_key_value_heads=2)).eval()
+    state = {}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name in names:
+            state[name] = f.get_tensor(name)
+    missing = reference.load_state_dict(state, strict=False).missing_keys
+    assert all(".layers.1." in k or ".layers.2." in k for k in missing)
+    with torch.no_grad(), mask_units(reference, [Unit("attn", 1), Unit("mlp", 2)]):
+        expected = reference(IDS).logits
+    pruned = load_model(str(tiny_model_dirs["llama"]), dtype="float32").model
+    to_depthpruned_(pruned, {Unit("attn", 1): None, Unit("mlp", 2): None, Unit("block", 3): None})
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_nemotron_nas_refuses_other_families_and_emulators(tmp_path: Path) -> None:
+    model = tiny_model("gpt2")
+    to_depthpruned_(model, {Unit("attn", 1): None})
+    with pytest.raises(InputError, match="llama, mistral families"):
+        export(model, tmp_path / "a", export_format="nemotron-nas")
+    model = tiny_model("llama")
+    to_depthpruned_(model, {Unit("mlp", 1): BiasEmulator.empty(32)})
+    with pytest.raises(InputError, match="supports no_op only"):
+        export(model, tmp_path / "b", export_format="nemotron-nas")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_load_refuses_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        depthprune.load(tmp_path / "nope")
