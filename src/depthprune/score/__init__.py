@@ -22,12 +22,14 @@ from depthprune.data import CalibrationInfo, TokenBatches
 from depthprune.errors import InputError
 from depthprune.score.adaptive import leave_one_out
 from depthprune.score.registry import METRICS, Metric, get_metric, parse_metrics
+from depthprune.score.shapley import ShapleyConfig, ShapleyResult, shapley_units, unit_games
 from depthprune.score.static import RunningStats, collect_static
+from depthprune.score.values import ValueConfig, make_value
 from depthprune.units import UNIT_KINDS, ModelLayout, Unit, all_units
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "ScoreConfig", "ScoreResult", "get_metric", "score", "write_scores"]
+__all__ = ["METRICS", "ScoreConfig", "ScoreResult", "get_metric", "score", "shapley_definition", "shapley_tables", "write_scores"]
 
 DEFAULT_METRICS = ("cosine", "angular", "rel_l1", "rel_l2")
 
@@ -42,8 +44,20 @@ class ScoreConfig:
         last_token_only: Static metrics use only each sequence's last token.
         span: Blocks per span for ``angular_span``.
         batch_size: Sequences per forward pass.
-        seed: Recorded with the result (the calibration windows are drawn with it).
+        seed: Recorded with the result (the calibration windows are drawn with it); also
+            seeds the ``shapley`` sampling.
         show_progress: Show progress bars on a terminal.
+        estimator: ``shapley``: ``exact``, ``permutation`` or ``local``.
+        value: ``shapley``: the value function, ``loss``, ``kl`` or ``mmlu``.
+        budget: ``shapley``: most layer-evaluations per game (blocks, sublayers).
+        tol: ``shapley``: stop once every standard error is below this.
+        max_samples: ``shapley``: most permutation pairs (or local coalitions) per game.
+        local_k: ``shapley`` with ``local``: units removed per sampled coalition.
+        design: ``shapley`` with ``permutation``: ``cyclic`` (stratified) or ``independent``.
+        checkpoint: ``shapley``: save progress to this JSON file (``.block``/``.sublayer``
+            appended when both games run).
+        resume: ``shapley``: continue from ``checkpoint``.
+        mmlu: ``shapley`` with the ``mmlu`` value: the MMLU data folder.
     """
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -53,9 +67,22 @@ class ScoreConfig:
     batch_size: int = 8
     seed: int = 0
     show_progress: bool = True
+    estimator: str = "permutation"
+    value: str = "loss"
+    budget: int | None = None
+    tol: float | None = None
+    max_samples: int | None = None
+    local_k: int | None = None
+    design: str = "cyclic"
+    checkpoint: str | None = None
+    resume: bool = False
+    mmlu: str | None = None
 
     def __post_init__(self) -> None:
         parse_metrics(list(self.metrics))
+        if "shapley" in self.metrics:
+            self.shapley_config()
+            self.value_config()
         if not self.units:
             raise InputError("no unit kinds given; expected any of block,attn,mlp")
         all_units(1, self.units)  # validates the kinds
@@ -65,6 +92,23 @@ class ScoreConfig:
             raise InputError(f"span must be at least 1, got {self.span}")
         if "angular_span" in self.metrics and "block" not in self.units:
             raise InputError("angular_span scores spans of blocks; add 'block' to the unit kinds")
+
+    def shapley_config(self) -> ShapleyConfig:
+        """The settings of the ``shapley`` metric's estimator."""
+        return ShapleyConfig(
+            estimator=self.estimator,
+            tol=self.tol,
+            budget=self.budget,
+            max_samples=self.max_samples,
+            local_k=self.local_k,
+            design=self.design,  # type: ignore[arg-type]
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
+
+    def value_config(self) -> ValueConfig:
+        """The ``shapley`` metric's value function."""
+        return ValueConfig(self.value, mmlu=self.mmlu)
 
 
 @dataclass
@@ -128,11 +172,14 @@ def score(
     config: ScoreConfig | None = None,
     spec: ArchSpec | None = None,
     model_name: str = "",
+    *,
+    tokenizer: Any | None = None,
 ) -> ScoreResult:
     """Score every unit of ``model`` on calibration ``data``.
 
-    All static metrics of all units come from one forward pass; adaptive metrics mask
-    units one at a time and reuse the hidden states before them.
+    All static metrics of all units come from one forward pass; leave-one-out metrics
+    mask units one at a time and reuse the hidden states before them; ``shapley`` plays
+    one game per granularity (blocks; attention and MLP sublayers together).
 
     Args:
         model: A Hugging Face causal LM of a supported family, in eval mode.
@@ -140,6 +187,7 @@ def score(
         config: Metrics, unit kinds and options; defaults to all static metrics of all units.
         spec: The family spec, looked up when omitted.
         model_name: Recorded in the result.
+        tokenizer: The model's tokenizer; needed only by the ``mmlu`` Shapley value.
 
     Returns:
         A :class:`ScoreResult`.
@@ -172,12 +220,23 @@ def score(
         )
         stats.update(loo_stats)
         cost["loo_layer_evals"] = evals
-    unknown = [m.name for m in metrics if m.kind == "adaptive" and m.name not in loo]
+    shapley: dict[str, ShapleyResult] = {}
+    if any(m.name == "shapley" for m in metrics):
+        shapley = _shapley(layout, data, config, tokenizer)
+        for name, res in shapley.items():
+            cost[f"shapley_{name}_layer_evals"] = res.layer_evals
+    unknown = [m.name for m in metrics if m.kind == "adaptive" and m.name not in loo and m.name != "shapley"]
     if unknown:
         raise InputError(f"metric(s) {', '.join(unknown)} are registered but cannot be computed by `score` yet")
     scores, stderr = {}, {}
     for m in metrics:
-        scores[m.name], stderr[m.name] = _table(stats, m.name)
+        if m.name == "shapley":
+            scores[m.name], stderr[m.name] = shapley_tables(shapley.values())
+        else:
+            scores[m.name], stderr[m.name] = _table(stats, m.name)
+    definitions = {m.name: _definition(m, config) for m in metrics}
+    if shapley:
+        definitions["shapley"] = shapley_definition(get_metric("shapley"), shapley)
     return ScoreResult(
         model=model_name,
         family=layout.spec.family,
@@ -185,10 +244,69 @@ def score(
         calibration=data.info,
         scores=scores,
         stderr=stderr,
-        definitions={m.name: _definition(m, config) for m in metrics},
+        definitions=definitions,
         seed=config.seed,
         cost=cost,
     )
+
+
+def _shapley(layout: ModelLayout, data: TokenBatches, config: ScoreConfig, tokenizer: Any | None) -> dict[str, ShapleyResult]:
+    """Shapley values of every game the unit kinds make (``block``, ``sublayer``)."""
+    from depthprune.data import context_length
+
+    value = make_value(config.value_config(), data, tokenizer, context_length(layout.model))
+    games = unit_games(layout.n_layers, config.units)
+    out = {}
+    for name, players in games.items():
+        checkpoint = config.checkpoint
+        if checkpoint is not None and len(games) > 1:
+            checkpoint = f"{checkpoint}.{name}"
+        out[name] = shapley_units(
+            layout, value, players, config.shapley_config(), checkpoint=checkpoint, resume=config.resume,
+            show_progress=config.show_progress,
+        )
+    return out
+
+
+def shapley_tables(results: Any) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Scores and standard errors of Shapley results, merged and in unit order."""
+    values: dict[Unit, tuple[float, float]] = {}
+    for res in results:
+        for p in res.players:
+            values[Unit.parse(p)] = (res.values[p], res.stderr[p])
+    order = sorted(values, key=lambda u: (u.index, UNIT_KINDS.index(u.kind)))
+
+    def clean(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {str(u): clean(values[u][0]) for u in order}, {str(u): clean(values[u][1]) for u in order}  # type: ignore[misc]
+
+
+def shapley_definition(metric: Metric, results: dict[str, ShapleyResult]) -> dict[str, Any]:
+    """The ``definitions`` entry of the ``shapley`` metric: estimator, value and each game's run."""
+    from depthprune.score.shapley import get_estimator
+
+    first = next(iter(results.values()))
+    value = first.game.get("value", {})
+    est = get_estimator(first.estimator)
+    games = {}
+    for name, res in results.items():
+        doc = res.to_dict()
+        games[name] = {k: doc[k] for k in ("players", "v_full", "v_empty", "efficiency_gap", "samples", "layer_evals", "evaluations", "stopped", "details")}
+    return {
+        "definition": metric.definition,
+        "reference": metric.reference,
+        "kind": metric.kind,
+        "stderr": first.note,
+        "estimator": first.estimator,
+        "estimator_definition": est.description,
+        "estimator_reference": est.reference,
+        "value": value.get("value"),
+        "value_definition": value.get("definition"),
+        "value_inputs": value,
+        "settings": first.config.to_dict(),
+        "games": games,
+    }
 
 
 def write_scores(result: ScoreResult, path: str | os.PathLike[str], force: bool = False) -> Path:

@@ -83,8 +83,14 @@ class PrefixRunner:
         the cached input of the last :meth:`capture`."""
         if not self._inputs:
             raise RuntimeError("capture() must run before start_at()")
+        with self.start_from(index, self._inputs[index]):
+            yield
+
+    @contextlib.contextmanager
+    def start_from(self, index: int, cached: torch.Tensor) -> Iterator[None]:
+        """Inside the block, a forward pass skips layers ``< index`` and feeds layer ``index``
+        the hidden state ``cached`` ``(B, T, D)`` instead of what the layers before it give."""
         layers = self.layout.layers
-        cached = self._inputs[index]
         saved = [layers._modules[str(j)] for j in range(index)]
 
         def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -111,6 +117,55 @@ class PrefixRunner:
             logits = self.layout.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         self.layer_evals += (self.layout.n_layers - start) * input_ids.shape[0]
         return logits
+
+    @torch.no_grad()
+    def run_from(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked: Iterable[Unit],
+        start: int = 0,
+        hidden: torch.Tensor | None = None,
+        keep: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits with ``masked`` disabled, running only layers ``start..L-1``.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1 for real tokens.
+            masked: Units to disable; only those of layers ``>= start`` matter.
+            start: First layer to run. Layers before it are skipped.
+            hidden: The input of layer ``start`` ``(B, T, D)``; required when ``start > 0``.
+            keep: Also return the inputs of layers ``start+1..L-1`` seen on the way.
+
+        Returns:
+            The logits ``(B, T, V)`` and the kept layer inputs (empty unless ``keep``).
+        """
+        if start > 0 and hidden is None:
+            raise ValueError("run_from() needs the hidden input of layer `start` when start > 0")
+        kept: list[torch.Tensor] = []
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            kept.append(args[0] if args else kwargs["hidden_states"])
+
+        def kind(_m: nn.Module, _a: tuple, out: Any) -> None:
+            self._returns_tuple = isinstance(out, tuple)
+
+        layers = self.layout.layers
+        later = range(start + 1, self.layout.n_layers) if keep else range(0)
+        handles = [layers[j].register_forward_pre_hook(grab, with_kwargs=True) for j in later]
+        if start == 0:
+            # A later start_from() needs to know what a layer returns.
+            handles.append(layers[0].register_forward_hook(kind))
+        feed = self.start_from(start, hidden) if start > 0 else contextlib.nullcontext()
+        try:
+            with mask_units(self.layout.model, [u for u in masked if u.index >= start], self.layout.spec), feed:
+                logits = self.layout.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        self.layer_evals += (self.layout.n_layers - start) * input_ids.shape[0]
+        return logits, kept
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,13 @@ register_metric(
         DEEPER_LOOK,
     )
 )
+register_metric(
+    Metric(
+        "shapley",
+        "adaptive",
+        "Shapley value of the unit in the game whose players are the units of its granularity (blocks, or "
+        "attention and MLP sublayers) and whose value is the chosen value function (default: negative calibration "
+        "loss) with the absent units masked; see 'estimator' and 'value' in this definition",
+        DEEPER_LOOK,
+    )
+)
