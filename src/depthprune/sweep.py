@@ -184,6 +184,24 @@ def sweep(
     return result
 
 
+def task_label(task: str) -> str:
+    """A short, readable name for a task spec: its kind and the target's base name."""
+    kind, _, rest = task.partition(":")
+    target = Path(rest.split(",")[0]).name if rest else ""
+    return f"{kind}:{target}" if target else kind
+
+
+def sweep_png_name(task: str, all_tasks: Sequence[str]) -> str:
+    """File name of a task's sweep plot: its kind and target's base name (plus its
+    position when another task would get the same name)."""
+    kind, _, rest = task.partition(":")
+    target = Path(rest.split(",")[0]).name if rest else ""
+    name = f"{kind}_{target}" if target else kind
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    same = [t for t in all_tasks if t != task and t.partition(":")[0] == kind and Path(t.partition(":")[2].split(",")[0]).name == target]
+    return f"sweep_{slug}_{list(all_tasks).index(task)}.png" if same else f"sweep_{slug}.png"
+
+
 def plot_sweep(result: SweepResult, out_dir: str | os.PathLike[str], tasks: Sequence[str] | None = None) -> list[Path]:
     """Write one PNG per task: task score against units removed, one line per metric."""
     from matplotlib.figure import Figure
@@ -199,13 +217,13 @@ def plot_sweep(result: SweepResult, out_dir: str | os.PathLike[str], tasks: Sequ
             ys = result.curve(metric, task)
             ax.plot(range(len(ys)), ys, marker="o", label=metric)
         ax.set_xlabel(f"{result.settings['units']} units removed")
-        ax.set_ylabel(task)
-        ax.set_title(f"{result.model}: {task}", fontsize=9)
+        ax.set_ylabel(task_label(task))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{task_label(task)} against {result.settings['units']} units removed, per metric order", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
-        path = out / f"sweep_{safe}.png"
+        path = out / sweep_png_name(task, names)
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)

@@ -28,6 +28,7 @@ from depthprune.progress import counter
 
 logger = logging.getLogger(__name__)
 
+_LAYOUT_VERSION = 2  # bump when the files written next to the model change
 _NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack"]
 _ANIMALS = ["cat", "dog", "bird", "fox", "bear", "frog", "duck", "rabbit", "mouse", "fish"]
 _ADJS = ["little", "big", "happy", "shy", "brave", "kind", "funny", "small", "sleepy", "clever"]
@@ -109,8 +110,9 @@ class TestbedConfig:
             raise InputError(f"need steps >= 1, batch >= 1 and seq_len >= 16; got {self.steps}, {self.batch}, {self.seq_len}")
 
     def digest(self) -> str:
-        """A short hash naming this configuration in the cache."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash naming this configuration (and the folder layout) in the cache."""
+        key = {**asdict(self), "layout": _LAYOUT_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _tokenizer(texts: list[str], vocab: int) -> Any:
@@ -231,7 +233,8 @@ def build_testbed(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "testbed.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        (tmp / "corpus.txt").write_text(
-            "\n<|endoftext|>\n".join(generate_corpus(min(config.n_stories, 400), config.seed + 1)), encoding="utf-8"
-        )
+        # Fresh stories (other seeds) for calibration and for evaluation.
+        for name, offset in (("calibration.txt", 1), ("eval.txt", 2)):
+            text = "\n<|endoftext|>\n".join(generate_corpus(min(config.n_stories, 400), config.seed + offset))
+            (tmp / name).write_text(text, encoding="utf-8")
     return target

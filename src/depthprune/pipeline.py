@@ -1,0 +1,313 @@
+"""Running a recipe: every stage into one folder, resumable, ending in report.html.
+
+Layout of the output folder::
+
+    recipe.json     the validated recipe
+    stages.json     per stage, the hash of the settings its outputs were made with
+    scores.json     scores.png
+    plan.json
+    model/          the pruned (and recovered) model
+    eval.json       tasks, size, KV cache and tokens/s of the original and pruned models
+    sweep/          sweep.json and one PNG per task
+    report.html
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthprune._fs import write_json_atomic
+from depthprune.recipe import Recipe, settings_hash
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("score", "plan", "prune", "evaluate", "sweep", "report")
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module, n_tokens: int = 16) -> float:
+    """Bytes that the KV cache of ``model`` holds per token, measured on a short forward."""
+    from transformers import DynamicCache
+
+    ids = torch.arange(3, 3 + n_tokens).unsqueeze(0) % model.config.vocab_size
+    cache = DynamicCache(config=model.config)
+    model(ids.to(next(model.parameters()).device), cache=cache, use_cache=True)
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total / n_tokens
+
+
+@torch.no_grad()
+def tokens_per_second(models: dict[str, nn.Module], tokenizer: Any, new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Greedy generation speed of each model, measured alternately to cancel drift."""
+    prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    times: dict[str, list[float]] = {k: [] for k in models}
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+    for name, m in models.items():  # warm-up
+        m.generate(prompt.to(next(m.parameters()).device), max_new_tokens=4, do_sample=False, pad_token_id=kwargs["pad_token_id"])
+    for _ in range(repeats):
+        for name, m in models.items():
+            start = time.perf_counter()
+            m.generate(prompt.to(next(m.parameters()).device), **kwargs)
+            times[name].append(time.perf_counter() - start)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+@dataclass
+class RunContext:
+    """The state shared by the stages of one run."""
+
+    recipe: Recipe
+    out: Path
+    show_progress: bool = True
+    _loaded: Any = None
+    _data: Any = None
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            from depthprune.models import load_model
+
+            r = self.recipe
+            self._loaded = load_model(r.model, dtype=r.dtype, device=r.device, trust_remote_code=r.trust_remote_code)  # type: ignore[arg-type]
+        return self._loaded
+
+    @property
+    def data(self) -> Any:
+        if self._data is None:
+            from depthprune.data import context_length, load_calibration
+
+            d = self.recipe.data
+            self._data = load_calibration(
+                d.source, self.loaded.tokenizer, d.samples, d.seq_len, d.seed, context_length(self.loaded.model), d.text_field
+            )
+        return self._data
+
+
+def _stage_score(ctx: RunContext) -> None:
+    from depthprune.report import plot_heatmap
+    from depthprune.score import ScoreConfig, score, write_scores
+
+    s = ctx.recipe.score
+    config = ScoreConfig(
+        metrics=tuple(s.metrics), units=tuple(s.units), batch_size=s.batch_size, seed=ctx.recipe.data.seed, show_progress=ctx.show_progress
+    )
+    result = score(ctx.loaded.model, ctx.data, config, spec=ctx.loaded.spec, model_name=ctx.recipe.model)
+    write_scores(result, ctx.out / "scores.json", force=True)
+    plot_heatmap(result.to_dict(), ctx.out / "scores.png")
+
+
+def _stage_plan(ctx: RunContext) -> None:
+    from depthprune.plan import PlanConfig, load_scores, make_plan, write_plan
+
+    p = ctx.recipe.plan
+    remove: int | float = int(p.remove) if float(p.remove).is_integer() and p.remove >= 1 else float(p.remove)
+    config = PlanConfig(metric=p.metric, units=p.units, remove=remove, keep_first=p.keep_first, keep_last=p.keep_last, replace=ctx.recipe.recover)  # type: ignore[arg-type]
+    write_plan(make_plan(load_scores(ctx.out / "scores.json"), config), ctx.out / "plan.json", force=True)
+
+
+def _stage_prune(ctx: RunContext) -> None:
+    from depthprune.api import prune_model
+
+    r = ctx.recipe
+    prune_model(
+        r.model,
+        plan=ctx.out / "plan.json",
+        out=ctx.out / "model",
+        recover=r.recover,
+        data=r.data.source if r.recover != "none" else None,
+        n_samples=r.data.samples,
+        seq_len=r.data.seq_len,
+        seed=r.data.seed,
+        text_field=r.data.text_field,
+        force=True,
+        dtype=r.dtype,  # type: ignore[arg-type]
+        device=r.device,
+        trust_remote_code=r.trust_remote_code,
+        show_progress=ctx.show_progress,
+    )
+
+
+def _load_pruned(ctx: RunContext) -> nn.Module:
+    import depthprune
+
+    return depthprune.load(ctx.out / "model", device=ctx.recipe.device)
+
+
+def _stage_evaluate(ctx: RunContext) -> None:
+    from depthprune.evaluate import evaluate
+
+    original, tok = ctx.loaded.model, ctx.loaded.tokenizer
+    pruned = _load_pruned(ctx)
+    doc: dict[str, Any] = {}
+    for name, m in (("original", original), ("pruned", pruned)):
+        doc[name] = {
+            "tasks": evaluate(m, tok, ctx.recipe.tasks, show_progress=ctx.show_progress)["tasks"] if ctx.recipe.tasks else {},
+            "params": sum(p.numel() for p in m.parameters()),
+            "layers": int(getattr(m.config, "num_hidden_layers", 0) or getattr(m.config, "n_layer", 0)),
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
+        }
+    speed = tokens_per_second({"original": original, "pruned": pruned}, tok)
+    for name in speed:
+        doc[name]["tokens_per_second"] = speed[name]
+    write_json_atomic(ctx.out / "eval.json", doc)
+
+
+def _stage_sweep(ctx: RunContext) -> None:
+    from depthprune.evaluate import evaluate, task_score
+    from depthprune.plan import load_scores
+    from depthprune.sweep import SweepConfig, plot_sweep, sweep
+
+    s = ctx.recipe.sweep
+    if s is None or not ctx.recipe.tasks:
+        return
+    tok = ctx.loaded.tokenizer
+
+    def evaluator(model: nn.Module) -> dict[str, dict[str, Any]]:
+        res = evaluate(model, tok, ctx.recipe.tasks, show_progress=False)["tasks"]
+        return {k: {"score": task_score(v), "higher_is_better": v.get("higher_is_better")} for k, v in res.items()}
+
+    config = SweepConfig(metrics=tuple(s.metrics), units=s.units, max_remove=s.max_remove, tasks=tuple(ctx.recipe.tasks), show_progress=ctx.show_progress)
+    result = sweep(ctx.loaded.model, load_scores(ctx.out / "scores.json"), config, evaluator, out_dir=ctx.out / "sweep", model_name=ctx.recipe.model)
+    plot_sweep(result, ctx.out / "sweep")
+
+
+def reproduce_commands(recipe: Recipe, out: Path) -> list[str]:
+    """The commands that redo the run stage by stage."""
+    q = shlex.quote
+    r, d = recipe, recipe.data
+    cmds = [
+        f"depthprune score {q(r.model)} --data {q(d.source)} --samples {d.samples} --seq-len {d.seq_len} --seed {d.seed} "
+        f"--metrics {','.join(r.score.metrics)} --units {','.join(r.score.units)} --dtype {r.dtype} -o {q(str(out / 'scores.json'))}",
+        f"depthprune plan {q(str(out / 'scores.json'))} --metric {r.plan.metric} --units {r.plan.units} --remove {r.plan.remove:g} "
+        f"--keep-first {r.plan.keep_first} --keep-last {r.plan.keep_last} --replace {r.recover} -o {q(str(out / 'plan.json'))}",
+        f"depthprune prune {q(r.model)} --plan {q(str(out / 'plan.json'))} --dtype {r.dtype}"
+        + (f" --recover {r.recover} --data {q(d.source)} --samples {d.samples} --seq-len {d.seq_len}" if r.recover != "none" else "")
+        + f" -o {q(str(out / 'model'))}",
+    ]
+    for task in r.tasks:
+        cmds.append(f"depthprune eval {q(r.model)} --task {q(task)}")
+        cmds.append(f"depthprune eval {q(str(out / 'model'))} --task {q(task)}")
+    cmds.append(f"# or all at once: depthprune run {q(str(out / 'recipe.json'))} -o {q(str(out))}")
+    return cmds
+
+
+def _stage_report(ctx: RunContext) -> None:
+    from depthprune.evaluate import task_score
+    from depthprune.html_report import ReportData, write_report
+    from depthprune.sweep import sweep_png_name, task_label
+
+    ev = json.loads((ctx.out / "eval.json").read_text())
+    plan = json.loads((ctx.out / "plan.json").read_text())
+    data = ReportData(title="depthprune report", model=ctx.recipe.model, plan=plan)
+    for name, target in (("original", data.before), ("pruned", data.after)):
+        for spec, res in ev[name]["tasks"].items():
+            label = f"{task_label(spec)} ({res.get('task')})"
+            target[label] = task_score(res)
+            if res.get("higher_is_better") is False and label not in data.lower_is_better:
+                data.lower_is_better = [*data.lower_is_better, label]
+    o, p = ev["original"], ev["pruned"]
+    removed_blocks = sum(1 for e in plan.get("remove", []) if e["unit"].startswith("block."))
+    data.sizes = [
+        ("parameters", o["params"], p["params"]),
+        ("blocks computed in full", o["layers"], o["layers"] - removed_blocks),
+        ("KV-cache bytes per token", o["kv_cache_bytes_per_token"], p["kv_cache_bytes_per_token"]),
+    ]
+    data.throughput = [("greedy generation, tokens/s (batch 1, 64 new tokens)", o["tokens_per_second"], p["tokens_per_second"])]
+    data.images = [("Importance of every unit (scores.png)", ctx.out / "scores.png")]
+    for task in ctx.recipe.tasks:
+        png = ctx.out / "sweep" / sweep_png_name(task, ctx.recipe.tasks)
+        if png.is_file():
+            data.images.append((f"Sweep: {task_label(task)} against units removed", png))
+    data.commands = reproduce_commands(ctx.recipe, ctx.out)
+    data.notes = [f"calibration: {json.loads((ctx.out / 'scores.json').read_text())['calibration']}"]
+    write_report(data, ctx.out / "report.html")
+
+
+_RUNNERS: dict[str, Callable[[RunContext], None]] = {
+    "score": _stage_score,
+    "plan": _stage_plan,
+    "prune": _stage_prune,
+    "evaluate": _stage_evaluate,
+    "sweep": _stage_sweep,
+    "report": _stage_report,
+}
+_OUTPUTS = {
+    "score": ("scores.json", "scores.png"),
+    "plan": ("plan.json",),
+    "prune": ("model/depthprune.json",),
+    "evaluate": ("eval.json",),
+    "sweep": (),
+    "report": ("report.html",),
+}
+
+
+def _valid(path: Path) -> bool:
+    if not path.exists():
+        return False
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+    return True
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | os.PathLike[str],
+    show_progress: bool = True,
+    on_stage: Callable[[str, bool], None] | None = None,
+) -> Path:
+    """Run every stage of ``recipe`` into ``out``, skipping stages that are already done.
+
+    Args:
+        recipe: The validated recipe.
+        out: The run folder (created if missing; its parent must exist).
+        show_progress: Show progress bars on a terminal.
+        on_stage: Called with ``(stage, skipped)`` before each stage (the CLI reports it).
+
+    Returns:
+        The path of ``report.html`` (or of the folder when the report is off).
+    """
+    from depthprune.errors import InputError
+
+    folder = Path(out)
+    if not folder.absolute().parent.is_dir():
+        raise InputError(f"cannot write {str(folder)!r}: its parent folder does not exist")
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / "recipe.json", asdict(recipe))
+    stages_path = folder / "stages.json"
+    done: dict[str, str] = json.loads(stages_path.read_text()) if _valid(stages_path) else {}
+    ctx = RunContext(recipe, folder, show_progress)
+    for stage in STAGES:
+        if stage == "report" and not recipe.report:
+            continue
+        key = settings_hash(recipe.stage_settings(stage))
+        if stage == "sweep" and (recipe.sweep is None or not recipe.tasks):
+            continue
+        complete = done.get(stage) == key and all(_valid(folder / o) for o in _OUTPUTS[stage])
+        if on_stage:
+            on_stage(stage, complete)
+        if complete:
+            logger.info("stage %s is done; skipped", stage)
+            continue
+        _RUNNERS[stage](ctx)
+        done[stage] = key
+        write_json_atomic(stages_path, done)
+    return folder / "report.html" if recipe.report else folder

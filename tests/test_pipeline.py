@@ -1,0 +1,135 @@
+"""Recipes: validation, stage resume, and the offline demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from depthprune import pipeline
+from depthprune.cli import main
+from depthprune.errors import InputError
+from depthprune.recipe import recipe_from_dict
+from depthprune.testbed import TestbedConfig, build_testbed
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = TestbedConfig(layers=3, hidden=32, steps=30, n_stories=200, batch=8, seq_len=64)
+    return build_testbed(config, out=tmp_path_factory.mktemp("tb") / "model", show_progress=False)
+
+
+def _recipe(model: Path, **over: Any) -> dict[str, Any]:
+    data = {
+        "model": str(model),
+        "data": {"source": str(model / "calibration.txt"), "samples": 4, "seq_len": 32},
+        "tasks": [f"ppl:{model / 'eval.txt'},seq_len=32,max_tokens=512"],
+        "score": {"metrics": ["cosine", "loo_loss"], "units": ["block", "attn"]},
+        "plan": {"metric": "loo_loss", "units": "block", "remove": 1},
+        "sweep": {"metrics": ["cosine", "loo_loss"], "units": "attn", "max_remove": 1},
+    }
+    return {**data, **over}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: d.update(modle="x"), "unknown key recipe.modle. Did you mean: model?"),
+        (lambda d: d["plan"].update(metrc="cosine"), "unknown key plan.metrc. Did you mean: metric?"),
+        (lambda d: d.pop("model"), "missing the required key 'model'"),
+        (lambda d: d["data"].pop("source"), "data is missing the required key 'source'"),
+        (lambda d: d.update(score=["cosine"]), "score must be a mapping"),
+        (lambda d: d.update(tasks="ppl:x"), "tasks must be a list"),
+    ],
+)
+def test_recipe_validation(mutate: Any, needle: str, tmp_path: Path) -> None:
+    data = _recipe(tmp_path)
+    mutate(data)
+    with pytest.raises(InputError) as err:
+        recipe_from_dict(data)
+    assert needle in str(err.value)
+
+
+def test_run_cli_refuses_bad_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: m\ndata: {source: x}\nsweeep: null\n")
+    assert main(["run", str(path), "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Did you mean: sweep?" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_a_killed_run(testbed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = recipe_from_dict(_recipe(testbed))
+    out = tmp_path / "run"
+
+    def killed(ctx: pipeline.RunContext) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline._RUNNERS, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(recipe, out, show_progress=False)
+    assert (out / "scores.json").is_file() and (out / "model" / "depthprune.json").is_file()
+    assert not (out / "eval.json").exists()
+    stamps = {p: (out / p).stat().st_mtime_ns for p in ("scores.json", "plan.json", "model/model.safetensors")}
+    monkeypatch.undo()
+
+    seen: list[tuple[str, bool]] = []
+    report = pipeline.run_recipe(recipe, out, show_progress=False, on_stage=lambda s, skip: seen.append((s, skip)))
+    assert seen == [("score", True), ("plan", True), ("prune", True), ("evaluate", False), ("sweep", False), ("report", False)]
+    assert {p: (out / p).stat().st_mtime_ns for p in stamps} == stamps
+    assert report.is_file()
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["pruned"]["params"] < ev["original"]["params"]
+    assert ev["pruned"]["kv_cache_bytes_per_token"] == pytest.approx(ev["original"]["kv_cache_bytes_per_token"] * 2 / 3)
+
+    seen.clear()
+    pipeline.run_recipe(recipe, out, show_progress=False, on_stage=lambda s, skip: seen.append((s, skip)))
+    assert all(skip for _, skip in seen)
+
+    # A new plan reruns the plan and what follows it, not the scores.
+    seen.clear()
+    changed = recipe_from_dict(_recipe(testbed, plan={"metric": "cosine", "units": "block", "remove": 1}))
+    pipeline.run_recipe(changed, out, show_progress=False, on_stage=lambda s, skip: seen.append((s, skip)))
+    assert dict(seen) == {"score": True, "plan": False, "prune": False, "evaluate": False, "sweep": True, "report": False}
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """`depthprune demo` on a fresh cache: trains the testbed, runs every stage, writes the report."""
+    env = {**os.environ, "DEPTHPRUNE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "depthprune", "demo", "-o", str(tmp_path / "demo")], env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "demo"
+    html = (out / "report.html").read_text()
+    for needle in ("Plan", "Quality before and after", "KV-cache bytes per token", "tokens/s", "depthprune score", "Sweep"):
+        assert needle in html, needle
+    assert html.count("data:image/png;base64,") == 2
+    assert "http://" not in html and "https://" not in html  # self-contained
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["pruned"]["params"] < ev["original"]["params"]
+    assert all(v["tokens_per_second"] > 0 for v in ev.values())
+    print(f"demo took {seconds:.0f} s")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed; the report's rendering was not checked")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
+         "--window-size=1200,2000", f"--screenshot={shot}", (out / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000  # a blank page compresses to a few KB
