@@ -1,0 +1,86 @@
+"""``depthprune sweep``: task score against units removed, one curve per metric."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def split_task_list(text: str, kinds: list[str]) -> list[str]:
+    """Split ``ppl:a,seq_len=128,mmlu:b`` into task specs.
+
+    A comma starts a new spec only where the next piece begins with a task kind and a
+    colon; otherwise it separates that spec's ``key=value`` options.
+    """
+    specs: list[str] = []
+    for piece in text.split(","):
+        starts_spec = piece.strip().partition(":")[0] in kinds and ":" in piece
+        if starts_spec or not specs:
+            specs.append(piece.strip())
+        else:
+            specs[-1] += "," + piece.strip()
+    return [s for s in specs if s]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from depthprune.commands import add_model_args
+
+    p = sub.add_parser(
+        "sweep",
+        help="evaluate tasks with 0..K units removed in each metric's order (the paper's main figure)",
+        description="Units are masked, not removed, so one loaded model serves every point. sweep.json is "
+        "rewritten after every point; rerunning the same command resumes.",
+    )
+    add_model_args(p)
+    p.add_argument("--scores", required=True, help="scores.json from `depthprune score` or `depthprune shapley`")
+    p.add_argument("--metrics", required=True, help="comma-separated metrics of scores.json, e.g. cosine,rel_l2,loo_loss,shapley")
+    p.add_argument("--units", default="block", choices=["block", "attn", "mlp"], help="kind of unit removed (default: block)")
+    p.add_argument("--max-remove", type=int, required=True, metavar="K", help="remove 0..K units per metric")
+    p.add_argument(
+        "--tasks",
+        action="append",
+        required=True,
+        help="task specs, comma-separated or repeated: ppl:FILE[,seq_len=T],mmlu:DIR[,limit=N],lm_eval:TASK",
+    )
+    p.add_argument("--batch-size", type=int, help="batch size of every task whose spec does not set one")
+    p.add_argument("-o", "--output", required=True, help="folder for sweep.json and one PNG per task")
+    p.add_argument("--force", action="store_true", help="start over instead of resuming an existing sweep.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+    from typing import Any
+
+    from torch import nn
+
+    from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
+    from depthprune.models import load_model
+    from depthprune.plan import load_scores
+    from depthprune.sweep import SweepConfig, plot_sweep, sweep
+
+    tasks = [t for group in args.tasks for t in split_task_list(group, list(TASKS))]
+    for t in tasks:
+        parse_task(t)  # fail on a typo before loading anything
+    config = SweepConfig(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        units=args.units,
+        max_remove=args.max_remove,
+        tasks=tuple(tasks),
+        show_progress=not args.quiet,
+    )
+    scores = load_scores(args.scores)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    def evaluator(model: nn.Module) -> dict[str, dict[str, Any]]:
+        res = evaluate(model, loaded.tokenizer, tasks, batch_size=args.batch_size, show_progress=False)["tasks"]
+        return {k: {"score": task_score(v), "higher_is_better": v.get("higher_is_better")} for k, v in res.items()}
+
+    if args.force and (Path(args.output) / "sweep.json").exists():
+        (Path(args.output) / "sweep.json").unlink()
+    result = sweep(loaded.model, scores, config, evaluator, out_dir=args.output, model_name=args.model)
+    pngs = plot_sweep(result, args.output, tasks)
+    for metric in result.points:
+        for task in tasks:
+            curve = ", ".join(f"{v:.4g}" for v in result.curve(metric, task))
+            print(f"{metric:>12}  {task}: {curve}")
+    print(f"wrote {Path(args.output) / 'sweep.json'} and {len(pngs)} plot(s)")
