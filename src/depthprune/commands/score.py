@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--span", type=int, default=1, metavar="N", help="blocks per span for angular_span (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--plot", metavar="PNG", help="also write a metric x unit heatmap")
+    g = p.add_argument_group("shapley", "settings of the `shapley` metric (see also `depthprune shapley`)")
+    g.add_argument("--estimator", default="permutation", choices=["exact", "permutation", "local"], help="(default: permutation)")
+    g.add_argument("--value", default="loss", choices=["loss", "kl", "mmlu"], help="value function (default: loss)")
+    g.add_argument("--mmlu", metavar="DIR", help="MMLU data folder, for --value mmlu")
+    g.add_argument("--budget", type=int, help="most layer-evaluations per game")
+    g.add_argument("--tol", type=float, help="stop once every standard error is below this")
+    g.add_argument("--checkpoint", help="save progress to this file (default: none)")
+    g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     add_output_args(p, "scores.json to write")
     p.set_defaults(func=run)
 
@@ -51,6 +59,13 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         show_progress=not args.quiet,
+        estimator=args.estimator,
+        value=args.value,
+        mmlu=args.mmlu,
+        budget=args.budget,
+        tol=args.tol,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
     )
     check_output(args.output, args.force)
     if args.plot:
@@ -65,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
         max_context=context_length(loaded.model),
         text_field=args.text_field,
     )
-    result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model)
+    result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model, tokenizer=loaded.tokenizer)
     write_scores(result, args.output, force=args.force)
     doc = result.to_dict()
     if args.plot:
