@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,21 @@ def stories_dir(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"stories260K not found in {src}")
     out = tmp_path_factory.mktemp("stories") / "stories260K"
     return convert_llama2c(src / "stories260K.bin", src / "tok512.bin", out)
+
+
+@pytest.fixture(scope="session")
+def stories_lm(stories_dir: Path) -> Any:
+    """stories260K loaded once per session (a LoadedModel); tests must leave it unchanged."""
+    from depthprune.models import load_model
+
+    return load_model(str(stories_dir))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    # The models under test are tiny: on two shared cores one torch thread per test
+    # process is faster and steadier than two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,8 @@ from depthprune.evaluate.perplexity import Window, perplexity, plan_windows
 TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one torch thread per test process is much faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def stories(stories_dir: Path) -> Any:
-    from depthprune.models import load_model
-
-    return load_model(str(stories_dir))
 
 
 @pytest.fixture()
@@ -85,9 +72,9 @@ def _nll_sum(model: torch.nn.Module, ids: list[int], n_scored: int) -> float:
     return float(nll[-n_scored:].sum())
 
 
-def test_stories_perplexity_is_exp_of_mean_nll(stories: Any, shared: Path) -> None:
+def test_stories_perplexity_is_exp_of_mean_nll(stories_lm: Any, shared: Path) -> None:
     sample = shared / "data" / "tinystories" / "tinystories_sample.txt"
-    model, tok = stories.model, stories.tokenizer
+    model, tok = stories_lm.model, stories_lm.tokenizer
     config = PerplexityConfig(documents="separate", bos="window", strip=True, show_progress=False)
     result = perplexity(model, tok, sample, config)
     total, count = 0.0, 0
@@ -152,11 +139,11 @@ def test_sliding_window_matches_the_hf_guide(seq_len: int, stride: int, text_fil
     assert result["protocol"]["stride"] == stride and result["protocol"]["n_tokens"] == ids.size(1)
 
 
-def test_wikitext_is_scored_as_the_raw_file(stories: Any, shared: Path) -> None:
+def test_wikitext_is_scored_as_the_raw_file(stories_lm: Any, shared: Path) -> None:
     wiki = shared / "data" / "wikitext-2-raw" / "wiki.test.raw"
     assert read_texts(wiki) == [wiki.read_text(encoding="utf-8")]  # one document, as it is
     config = PerplexityConfig(seq_len=512, max_tokens=2048, show_progress=False)
-    result = perplexity(stories.model, stories.tokenizer, wiki, config)
+    result = perplexity(stories_lm.model, stories_lm.tokenizer, wiki, config)
     p = result["protocol"]
     assert (p["mode"], p["bos"], p["n_tokens"], p["n_windows"]) == ("windows", "stream", 2048, 4)
     assert result["n_scored"] == 2048 - 4

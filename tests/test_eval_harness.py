@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +41,8 @@ metadata:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def stories(stories_dir: Path) -> Any:
-    from depthprune.models import load_model
-
-    return load_model(str(stories_dir))
 
 
 @pytest.fixture()
@@ -82,8 +70,8 @@ def _reference_accuracy(model: torch.nn.Module, tok: Any, docs: list[dict]) -> f
     return hits / len(docs)
 
 
-def test_local_task_runs_offline_on_the_in_memory_model(stories: Any, task_dir: Path) -> None:
-    model, tok = stories.model, stories.tokenizer
+def test_local_task_runs_offline_on_the_in_memory_model(stories_lm: Any, task_dir: Path) -> None:
+    model, tok = stories_lm.model, stories_lm.tokenizer
     config = HarnessConfig(include_path=str(task_dir), batch_size=4)
     result = evaluate_harness(model, tok, "tiny_stories_choice", config)
     assert (result["metric"], result["higher_is_better"]) == ("acc,none", True)
@@ -101,14 +89,14 @@ def test_local_task_runs_offline_on_the_in_memory_model(stories: Any, task_dir: 
     assert only["n_samples"]["tiny_stories_choice"]["effective"] == 2
 
 
-def test_missing_data_file_is_an_input_error(stories: Any, task_dir: Path) -> None:
+def test_missing_data_file_is_an_input_error(stories_lm: Any, task_dir: Path) -> None:
     (task_dir.parent / "docs.jsonl").unlink()
     with pytest.raises(InputError, match="lm-eval could not run tiny_stories_choice: .*docs.jsonl"):
-        evaluate_harness(stories.model, stories.tokenizer, "tiny_stories_choice", HarnessConfig(include_path=str(task_dir)))
+        evaluate_harness(stories_lm.model, stories_lm.tokenizer, "tiny_stories_choice", HarnessConfig(include_path=str(task_dir)))
 
 
 @pytest.mark.slow
-def test_unknown_task_lists_close_names(stories: Any, task_dir: Path) -> None:
+def test_unknown_task_lists_close_names(stories_lm: Any, task_dir: Path) -> None:
     # Not in include_path, so the built-in tasks are indexed too (several seconds).
     with pytest.raises(InputError, match="unknown lm-eval task 'tiny_stories_choise'.*Did you mean: tiny_stories_choice"):
-        evaluate_harness(stories.model, stories.tokenizer, "tiny_stories_choise", HarnessConfig(include_path=str(task_dir)))
+        evaluate_harness(stories_lm.model, stories_lm.tokenizer, "tiny_stories_choise", HarnessConfig(include_path=str(task_dir)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,8 @@ from depthprune.evaluate.mmlu import (
 from depthprune.units import mask_units
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one torch thread per test process is much faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def stories(stories_dir: Path) -> Any:
-    from depthprune.models import load_model
-
-    return load_model(str(stories_dir))
 
 
 def _trained_tokenizer(kind: str, texts: list[str], vocab: int = 320) -> Any:
@@ -114,8 +101,8 @@ def test_fit_prompt_drops_shots_from_the_end() -> None:
 # --------------------------------------------------------------------------- letter tokens
 
 
-def test_answer_tokens_llama2c_byte_fallback(stories: Any) -> None:
-    tok = stories.tokenizer
+def test_answer_tokens_llama2c_byte_fallback(stories_lm: Any) -> None:
+    tok = stories_lm.tokenizer
     conts = answer_continuations(tok)
     # tok512 has a " B" piece but no " A", " C", " D": those are " " then the letter.
     assert [tok.convert_ids_to_tokens(list(c)) for c in conts] == [[" ", "A"], [" B"], [" ", "C"], [" ", "D"]]
@@ -193,10 +180,10 @@ def test_bad_mmlu_sources(tmp_path: Path, shared: Path) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def test_cached_prefix_equals_full_prompt_on_stories_with_attn_masked(stories: Any, shared: Path) -> None:
+def test_cached_prefix_equals_full_prompt_on_stories_with_attn_masked(stories_lm: Any, shared: Path) -> None:
     mmlu = shared / "data" / "mmlu"
     config = MMLUConfig(limit=4, subjects=("abstract_algebra", "world_religions"), show_progress=False)
-    model, tok = stories.model, stories.tokenizer
+    model, tok = stories_lm.model, stories_lm.tokenizer
     test = load_mmlu(mmlu, "test", list(config.subjects), config.limit)
     dev = load_mmlu(mmlu, "dev", list(config.subjects))
     cached = prepare_mmlu(tok, test, dev, config, max_length=512)

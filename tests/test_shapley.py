@@ -28,13 +28,6 @@ from depthprune.score.shapley import (
 from depthprune.score.values import MultipleChoiceValue, ValueConfig, make_value
 from depthprune.units import ModelLayout, Unit, all_units, mask_units
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny forward passes: one thread avoids contention on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # A toy game with known Shapley values: additive weights, a pairwise interaction (a, c)

@@ -3,4 +3,9 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-from depthprune.modeling import load  # noqa: E402  (also registers the Auto classes, see depthprune.modeling)
+
+# Importing depthprune registers the depthprune_<family> Auto classes, so exports with
+# removed sublayers or emulators load with AutoModelForCausalLM (see depthprune.modeling).
+from depthprune.modeling import load  # noqa: E402
+
+__all__ = ["__version__", "load"]
