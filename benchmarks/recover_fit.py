@@ -20,40 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import add_model_args, build, data, median_times, memory_child, peak_memory
 
 DEFAULT_PLAN = "block.4:lowrank:64,attn.6:lowrank:64,mlp.7:bias,block.9:lowrank:64,attn.10:lowrank:64,mlp.10:lowrank:64"
-
-
-def build(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq_len,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
-def data(args: argparse.Namespace):  # noqa: ANN201
-    from depthprune.data import pack
-
-    g = torch.Generator().manual_seed(0)
-    stream = torch.randint(0, args.vocab, (args.batch * args.seq_len,), generator=g).tolist()
-    return pack(stream, args.batch, args.seq_len)
 
 
 def plan(args: argparse.Namespace) -> dict:
@@ -80,36 +51,17 @@ def step(mode: str, model: torch.nn.Module, batches, args: argparse.Namespace) -
                 model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def memory_child(mode: str, args: argparse.Namespace) -> None:
-    model, batches = build(args), data(args)
-    step("plain_last", model, data(argparse.Namespace(**{**vars(args), "batch": 1, "seq_len": 8})), args)  # warm up
-    base = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    step(mode, model, batches, args)
-    print(json.dumps({"peak_above_model_bytes": _status("VmHWM") - base}))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=16000)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8, help="calibration sequences")
+    add_model_args(p, batch=8)
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
     p.add_argument("--plan", default=DEFAULT_PLAN, help="unit:replace pairs, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args)
+        model, batches = build(args), data(args)
+        tiny = data(argparse.Namespace(**{**vars(args), "batch": 1, "seq_len": 8}))
+        memory_child(lambda: step(args.memory_child, model, batches, args), lambda: step("plain_last", model, tiny, args))
         return
 
     from depthprune.recover import parse_replace
@@ -117,20 +69,8 @@ def main() -> None:
     model, batches = build(args), data(args)
     modes = ("plain", "plain_last", "fit")
     step("fit", model, batches, args)  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.repeats):
-        for mode in modes:
-            t0 = time.perf_counter()
-            step(mode, model, batches, args)
-            times[mode].append(time.perf_counter() - t0)
-    med = {m: statistics.median(v) for m, v in times.items()}
-
-    memory = {}
-    for mode in modes:
-        out = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--memory-child", mode], check=True, capture_output=True, text=True
-        ).stdout
-        memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_above_model_bytes"]
+    med = median_times(modes, lambda mode: step(mode, model, batches, args), args.repeats)
+    memory = peak_memory(__file__, modes)
 
     units = plan(args)
     n_lowrank = sum(parse_replace(r)[0] == "lowrank" for r in units.values())
