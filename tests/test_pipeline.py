@@ -66,6 +66,22 @@ def test_run_cli_refuses_bad_recipe(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"data": {"source": "/no/such/calib.txt"}}, "data path '/no/such/calib.txt' does not exist"),
+        ({"tasks": ["ppx:eval.txt"]}, "Did you mean: ppl?"),
+        ({"plan": {"metric": "angular"}}, "plan.metric 'angular' is not among score.metrics"),
+        ({"recover": "lowrank"}, "lowrank"),
+    ],
+)
+def test_bad_recipe_writes_nothing(over: dict[str, Any], needle: str, testbed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=needle):
+        pipeline.run_recipe(recipe_from_dict(_recipe(testbed, **over)), out, show_progress=False)
+    assert not out.exists()
+
+
 def test_resume_after_a_killed_run(testbed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = recipe_from_dict(_recipe(testbed))
     out = tmp_path / "run"

@@ -55,6 +55,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if args.verbose and not args.quiet else logging.WARNING)
     root.propagate = False
+    if not args.verbose:
+        # huggingface_hub logs every retry of an unreachable hub; the error that follows
+        # says what went wrong in one line.
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     if args.quiet or not sys.stderr.isatty():
         # transformers draws its loading/saving bars even when stderr is a file.
         from transformers.utils import logging as hf_logging

@@ -116,8 +116,7 @@ def _stage_plan(ctx: RunContext) -> None:
     from depthprune.plan import PlanConfig, load_scores, make_plan, write_plan
 
     p = ctx.recipe.plan
-    remove: int | float = int(p.remove) if float(p.remove).is_integer() and p.remove >= 1 else float(p.remove)
-    config = PlanConfig(metric=p.metric, units=p.units, remove=remove, keep_first=p.keep_first, keep_last=p.keep_last, replace=ctx.recipe.recover)  # type: ignore[arg-type]
+    config = PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last, replace=ctx.recipe.recover)  # type: ignore[arg-type]
     write_plan(make_plan(load_scores(ctx.out / "scores.json"), config), ctx.out / "plan.json", force=True)
 
 
@@ -268,6 +267,49 @@ def _valid(path: Path) -> bool:
     return True
 
 
+def preflight(recipe: Recipe) -> None:
+    """Check everything that can be checked before any work, so bad input writes nothing:
+    the model's config and family, the local data path, the task specs and every stage's
+    settings.
+
+    Raises:
+        DepthPruneError: the first problem found.
+    """
+    from depthprune.architectures import spec_for_config
+    from depthprune.data import _DATASET_ID
+    from depthprune.errors import InputError
+    from depthprune.evaluate import parse_task
+    from depthprune.models import load_config
+    from depthprune.plan import PlanConfig, check_replace
+    from depthprune.score import ScoreConfig
+    from depthprune.sweep import SweepConfig
+
+    config, _ = load_config(recipe.model, recipe.trust_remote_code)
+    spec_for_config(config)
+    source = recipe.data.source
+    if not Path(source).expanduser().exists() and not _DATASET_ID.match(source):
+        raise InputError(f"data path {source!r} does not exist")
+    for task in recipe.tasks:
+        parse_task(task)
+    check_replace(recipe.recover)
+    ScoreConfig(metrics=tuple(recipe.score.metrics), units=tuple(recipe.score.units), batch_size=recipe.score.batch_size)
+    p = recipe.plan
+    PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last)  # type: ignore[arg-type]
+    if p.metric not in recipe.score.metrics:
+        raise InputError(f"plan.metric {p.metric!r} is not among score.metrics ({', '.join(recipe.score.metrics)})")
+    if recipe.sweep is not None:
+        s = recipe.sweep
+        SweepConfig(metrics=tuple(s.metrics), units=s.units, max_remove=s.max_remove)
+        missing = [m for m in s.metrics if m not in recipe.score.metrics]
+        if missing:
+            raise InputError(f"sweep.metrics {missing} are not among score.metrics ({', '.join(recipe.score.metrics)})")
+
+
+def _budget(remove: float) -> int | float:
+    """A plan budget: a whole number >= 1 is a count, anything else a fraction."""
+    return int(remove) if float(remove).is_integer() and remove >= 1 else float(remove)
+
+
 def run_recipe(
     recipe: Recipe,
     out: str | os.PathLike[str],
@@ -290,6 +332,7 @@ def run_recipe(
     folder = Path(out)
     if not folder.absolute().parent.is_dir():
         raise InputError(f"cannot write {str(folder)!r}: its parent folder does not exist")
+    preflight(recipe)
     folder.mkdir(exist_ok=True)
     write_json_atomic(folder / "recipe.json", asdict(recipe))
     stages_path = folder / "stages.json"
