@@ -17,7 +17,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-img{max-width:100%;border:1px solid #eee}pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.85rem}
+img{max-width:100%;border:1px solid #eee}pre{background:#f6f8fa;padding:.8rem;white-space:pre-wrap;word-break:break-all;font-size:.85rem}
 .better{color:#0a7a2f}.worse{color:#b3261e}.muted{color:#666;font-size:.85rem}
 """
 
