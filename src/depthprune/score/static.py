@@ -74,7 +74,13 @@ def _sum64(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_pieces(h_in: torch.Tensor, h_out: torch.Tensor, delta: torch.Tensor, need_l1: bool = True) -> TokenPieces:
-    """Per-token cosine and relative norms of an update. Inputs are ``(M, D)``; outputs ``(M,)`` float64."""
+    """Per-token cosine and relative norms of an update. Inputs are ``(M, D)``; outputs ``(M,)`` float64.
+
+    Half-precision inputs are widened to float32 first: products of bf16 values would
+    round to 8 bits of mantissa before the float64 sums see them.
+    """
+    if h_in.element_size() < 4:
+        h_in, h_out, delta = h_in.float(), h_out.float(), delta.float()
     in2 = _sum64(h_in * h_in)
     out2 = _sum64(h_out * h_out)
     cos = _sum64(h_in * h_out) / (in2 * out2).sqrt().clamp_min(1e-300)
