@@ -92,7 +92,8 @@ def test_export_round_trips_for_every_family(
     assert manifest["recover"]["calibration"]["n_sequences"] == CALIB["n_samples"]
     by_load = depthprune.load(out)
     spec = spec_of(by_load)
-    with safe_open(out / "model.safetensors", "pt") as f:
+    assert not (out / "model.safetensors").exists() and "depthprune.load" in (out / "README.md").read_text()
+    with safe_open(out / "model.depthprune.safetensors", "pt") as f:
         names = set(f.keys())
     assert {f"{spec.layers}.0.{spec.attn.module}.emulator.{p}" for p in ("A", "B", "mu", "bias")} <= names
     assert {f"{spec.layers}.2.{spec.mlp.module}.emulator.bias"} <= names
@@ -109,16 +110,18 @@ def test_export_round_trips_for_every_family(
 def test_plain_transformers_refuses_export_and_auto_works_after_import(exported: dict[str, Path], tmp_path: Path) -> None:
     out = exported["llama"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    plain = (
-        "import sys\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"try:\n    AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-        "except Exception as exc:\n    print('REFUSED', type(exc).__name__, str(exc).splitlines()[0]); sys.exit(0)\n"
-        "print('LOADED'); sys.exit(1)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "REFUSED" in run.stdout and "depthprune_llama" in run.stdout
+    for loader, needle in (("AutoModelForCausalLM", "depthprune_llama"), ("LlamaForCausalLM", "no file named model.safetensors")):
+        # Neither the Auto class nor the family's own class may load the unpruned architecture.
+        plain = (
+            "import sys\n"
+            f"from transformers import {loader}\n"
+            f"try:\n    {loader}.from_pretrained({str(out)!r})\n"
+            "except Exception as exc:\n    print('REFUSED', type(exc).__name__, str(exc).splitlines()[0]); sys.exit(0)\n"
+            "print('LOADED'); sys.exit(1)\n"
+        )
+        run = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "REFUSED" in run.stdout and needle in run.stdout, run.stdout
 
     # In a fresh interpreter, importing depthprune first is enough for the Auto classes.
     ref = tmp_path / "ref.safetensors"

@@ -23,6 +23,28 @@ EXPORT_FORMATS: tuple[str, ...] = ("hf", "nemotron-nas")
 NEMOTRON_NAS_FAMILIES: tuple[str, ...] = ("llama", "mistral")
 
 
+_NEEDS_DEPTHPRUNE = """\
+---
+library_name: transformers
+tags: [depthprune]
+---
+# A depthprune export ({family})
+
+Some attention or MLP sublayers of this model were removed or replaced by small emulation
+modules, which no standard transformers architecture can express. It loads only with
+depthprune installed:
+
+```python
+import depthprune
+model = depthprune.load("path/to/this/folder")
+# or, after `import depthprune`: AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+```
+
+The weights are in `model.depthprune.safetensors`, so the unpruned family class cannot
+pick them up by mistake. `depthprune.json` lists what was removed.
+"""
+
+
 def export(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -70,8 +92,13 @@ def export(
     if export_format not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {export_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
+    from depthprune.modeling import WEIGHTS_VARIANT, is_depthpruned
+
+    depthpruned = is_depthpruned(model) and export_format == "hf"
     with atomic_dir(out_path, force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, variant=WEIGHTS_VARIANT if depthpruned else None)
+        if depthpruned:
+            (tmp / "README.md").write_text(_NEEDS_DEPTHPRUNE.format(family=getattr(model.config, "model_type", "")), encoding="utf-8")
         if nas_config is not None:
             (tmp / "config.json").write_text(json.dumps(nas_config, indent=2) + "\n", encoding="utf-8")
             (tmp / "configuration_decilm.py").write_text(_DECILM_CONFIG_PY, encoding="utf-8")

@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPE_PREFIX = "depthprune_"
 CONFIG_KEY = "depthprune"
+# Exports keep their weights in model.depthprune.safetensors (a transformers "variant"):
+# the family's own class, called directly, then finds no weights and fails instead of
+# loading the unpruned architecture with random layers.
+WEIGHTS_VARIANT = "depthprune"
 FORMAT_VERSION = 1
 
 
@@ -99,12 +103,17 @@ def classes_for(family: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         _install_from_config(self, spec)
 
+    def from_pretrained(klass: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        return super(model_cls, klass).from_pretrained(*args, **kwargs)
+
     model_cls = type(
         f"DepthPruned{base_model.__name__}",
         (base_model,),
         {
             "config_class": config_cls,
             "__init__": __init__,
+            "from_pretrained": classmethod(from_pretrained),
             "__module__": __name__,
             "__doc__": f"{base_model.__name__} with the removed units and emulators of ``config.depthprune``.",
         },

@@ -26,7 +26,15 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    # depthprune exports (see depthprune.modeling.WEIGHTS_VARIANT)
+    "model.depthprune.safetensors",
+    "model.safetensors.index.depthprune.json",
+)
 
 
 @dataclass
