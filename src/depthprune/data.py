@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from depthprune.errors import InputError
+from depthprune.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _read_hf_dataset(name: str, text_field: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many unrelated types for "not reachable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"cannot load dataset {name!r} (config {config}, split {split}): {first}") from exc
     if text_field not in ds.column_names:
         raise InputError(f"dataset {name!r} has no column {text_field!r}; columns: {', '.join(ds.column_names)}")

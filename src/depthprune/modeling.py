@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from depthprune import __version__
-from depthprune.errors import InputError, ModelLoadError
+from depthprune.errors import InputError, ModelLoadError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -392,7 +392,7 @@ def load(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(f"cannot load {str(folder)!r}: {first}") from exc
     return model.to(torch.device(device)).eval()
 

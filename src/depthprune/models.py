@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
-from depthprune.errors import DepthPruneError, ModelLoadError
+from depthprune.errors import DepthPruneError, ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, Path |
     try:
         config = AutoConfig.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(f"cannot load the config of {name!r}: {first}") from exc
     return config, local
 
@@ -138,7 +138,7 @@ def load_model(
     except DepthPruneError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(f"cannot load the weights of {name!r}: {first}") from exc
     model.to(device).eval()
     check_model(model, spec)
@@ -153,5 +153,5 @@ def load_tokenizer_for(name: str, local: Path | None, trust_remote_code: bool = 
     try:
         return AutoTokenizer.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("no tokenizer loaded for %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+        logger.warning("no tokenizer loaded for %s: %s", name, first_line(exc))
         return None

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from depthprune import __version__
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, lookup
 from depthprune.evaluate.harness import HarnessConfig, evaluate_harness
 from depthprune.evaluate.mmlu import MMLUConfig, MMLUQuestion, evaluate_mmlu, load_mmlu
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
@@ -105,10 +105,7 @@ def task_kind(
 
 def get_task_kind(name: str) -> TaskKind:
     """Look a task kind up, suggesting the closest name on a miss."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise InputError(f"unknown task kind {name!r}.{did_you_mean(name, TASKS)} Available: {', '.join(TASKS)}") from None
+    return lookup(TASKS, name, "task kind")
 
 
 @task_kind(

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from depthprune.errors import InputError
+from depthprune.errors import InputError, first_line
 from depthprune.evaluate._model import model_device
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def evaluate_harness(model: nn.Module, tokenizer: Any, tasks: str | list[str], c
             fewshot_random_seed=config.seed,
         )
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"lm-eval could not run {', '.join(names)}: {first}; check the task YAML and its data files") from exc
     if out is None:
         raise InputError("lm-eval returned no results (not the main process)")

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from depthprune.data import context_length, tokenizer_adds_bos
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, did_you_mean, first_line
 from depthprune.evaluate._model import (
     accepts_logits_to_keep,
     logits_at,
@@ -188,7 +188,7 @@ def _load_hf(name: str, split: str, subjects: list[str] | None, limit: int | Non
         try:
             ds = datasets.load_dataset(name, s, split=split)
         except Exception as exc:  # datasets raises many unrelated types for "not reachable"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InputError(
                 f"cannot load MMLU subject {s!r} ({split}) from {name!r}: {first}; give a local folder with "
                 f"{split}/<subject>_{split}.csv files instead"

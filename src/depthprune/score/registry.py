@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, lookup
 
 MetricKind = Literal["static", "adaptive"]
 # A static metric maps per-token pieces to a per-token value:
@@ -69,12 +69,7 @@ def static_metric(name: str, definition: str, reference: str) -> Callable[[Token
 
 def get_metric(name: str) -> Metric:
     """Look a metric up, suggesting the closest name on a miss."""
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise InputError(
-            f"unknown metric {name!r}.{did_you_mean(name, METRICS)} Available: {', '.join(METRICS)}"
-        ) from None
+    return lookup(METRICS, name, "metric")
 
 
 def parse_metrics(spec: str | list[str]) -> list[Metric]:

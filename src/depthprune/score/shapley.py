@@ -42,7 +42,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
-from depthprune.errors import CheckpointError, InputError, did_you_mean
+from depthprune.errors import CheckpointError, InputError, did_you_mean, lookup
 from depthprune.progress import counter
 from depthprune.score.adaptive import PrefixRunner
 from depthprune.score.registry import DEEPER_LOOK
@@ -446,12 +446,7 @@ def register_estimator(name: str, description: str, reference: str) -> Callable[
 
 def get_estimator(name: str) -> EstimatorSpec:
     """Look an estimator up, suggesting the closest name on a miss."""
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise InputError(
-            f"unknown estimator {name!r}.{did_you_mean(str(name), ESTIMATORS)} Available: {', '.join(ESTIMATORS)}"
-        ) from None
+    return lookup(ESTIMATORS, name, "estimator")
 
 
 def shapley_weights(n: int) -> np.ndarray:

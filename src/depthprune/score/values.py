@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from depthprune.data import CalibrationInfo, TokenBatches
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, did_you_mean, lookup
 from depthprune.score.registry import DEEPER_LOOK
 
 logger = logging.getLogger(__name__)
@@ -118,10 +118,7 @@ def register_value(name: str, definition: str, reference: str) -> Callable[[Call
 
 def get_value(name: str) -> ValueSpec:
     """Look a value function up, suggesting the closest name on a miss."""
-    try:
-        return VALUES[name]
-    except KeyError:
-        raise InputError(f"unknown value {name!r}.{did_you_mean(name, VALUES)} Available: {', '.join(VALUES)}") from None
+    return lookup(VALUES, name, "value")
 
 
 @dataclass(frozen=True)
