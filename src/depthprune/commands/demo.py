@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from depthprune.pipeline import run_recipe
+    from depthprune.commands.run import execute
     from depthprune.recipe import recipe_from_dict
     from depthprune.testbed import build_testbed
 
@@ -48,9 +48,4 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
-    def announce(stage: str, skipped: bool) -> None:
-        if not args.quiet:
-            print(f"[{stage}] " + ("done before; skipped" if skipped else "running"), flush=True)
-
-    report = run_recipe(recipe, out, show_progress=not args.quiet, on_stage=announce)
-    print(f"wrote {report}")
+    execute(recipe, str(out), args.quiet)

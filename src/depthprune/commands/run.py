@@ -54,7 +54,6 @@ def run(args: argparse.Namespace) -> None:
     import json
 
     from depthprune.errors import InputError
-    from depthprune.pipeline import run_recipe
     from depthprune.recipe import read_recipe_file, recipe_from_dict
 
     base: dict[str, Any] = read_recipe_file(args.recipe) if args.recipe else {}
@@ -65,9 +64,16 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(dataclasses.asdict(recipe), indent=2))
         return
 
+    execute(recipe, args.output, args.quiet)
+
+
+def execute(recipe: Any, out: str, quiet: bool) -> None:
+    """Run ``recipe`` into ``out``, saying which stage runs or is skipped (shared by `demo`)."""
+    from depthprune.pipeline import run_recipe
+
     def announce(stage: str, skipped: bool) -> None:
-        if not args.quiet:
+        if not quiet:
             print(f"[{stage}] " + ("done before; skipped" if skipped else "running"), flush=True)
 
-    report = run_recipe(recipe, args.output, show_progress=not args.quiet, on_stage=announce)
+    report = run_recipe(recipe, out, show_progress=not quiet, on_stage=announce)
     print(f"wrote {report}")
