@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
 
 def load(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, str]:
     from depthprune.llama2c import convert_llama2c
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
 
     path = args.model
     if path is None:

@@ -146,7 +146,7 @@ def main() -> None:
 
     from depthprune.data import load_calibration
     from depthprune.llama2c import convert_llama2c
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
     from depthprune.score.adaptive import leave_one_out
     from depthprune.score.shapley import ModelGame, ShapleyConfig, estimate_shapley
     from depthprune.score.values import make_value

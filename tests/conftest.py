@@ -128,7 +128,7 @@ def stories_dir(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def stories_lm(stories_dir: Path) -> Any:
     """stories260K loaded once per session (a LoadedModel); tests must leave it unchanged."""
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
 
     return load_model(str(stories_dir))
 

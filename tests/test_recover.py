@@ -14,7 +14,7 @@ from conftest import tiny_model
 from depthprune.cli import main
 from depthprune.data import TokenBatches, load_calibration, pack
 from depthprune.errors import InputError
-from depthprune.models import load_model
+from depthprune.loading import load_model
 from depthprune.recover import (
     EmulationConfig,
     LowRankEmulator,

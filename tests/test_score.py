@@ -117,7 +117,7 @@ def test_padding_never_counts() -> None:
 
 
 def test_batch_size_invariance_and_determinism(stories_dir: Path, shared: Path) -> None:
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
 
     lm = load_model(str(stories_dir))
     text = shared / "data" / "tinystories" / "tinystories_sample.txt"
@@ -137,7 +137,7 @@ def test_batch_size_invariance_and_determinism(stories_dir: Path, shared: Path) 
 
 
 def test_leave_one_out_equals_direct_masked_evaluation(stories_dir: Path, shared: Path) -> None:
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
 
     lm = load_model(str(stories_dir))
     data = load_calibration(shared / "data" / "tinystories" / "tinystories_sample.txt", lm.tokenizer, n_sequences=4, seq_len=96)

@@ -195,7 +195,7 @@ def test_overlapping_players_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def stories(stories_dir: Path, shared: Path):
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
 
     lm = load_model(str(stories_dir))
     data = load_calibration(shared / "data" / "tinystories" / "tinystories_sample.txt", lm.tokenizer, n_sequences=2, seq_len=32)

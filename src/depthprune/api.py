@@ -11,8 +11,8 @@ from depthprune.architectures import spec_for_config
 from depthprune.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, context_length, load_calibration
 from depthprune.errors import InputError
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
-from depthprune.modeling import to_depthpruned_
-from depthprune.models import DType, load_config, load_model
+from depthprune.pruned_classes import to_depthpruned_
+from depthprune.loading import DType, load_config, load_model
 from depthprune.plan import check_replace, plan_units, read_plan
 from depthprune.prune import PruneResult, prune_
 from depthprune.recover.emulate import DEFAULT_RIDGE, EmulationConfig, fit_emulators
@@ -52,7 +52,7 @@ def prune_model(
 
     When only whole blocks go and nothing is emulated, the export is a standard checkpoint
     of the same architecture. Otherwise it is a ``depthprune_<family>`` checkpoint (see
-    :mod:`depthprune.modeling`): blocks without an emulator are still deleted, removed
+    :mod:`depthprune.pruned_classes`): blocks without an emulator are still deleted, removed
     sublayers and emulated blocks keep a slot with a no-op or an emulator, and the folder
     loads with ``depthprune.load`` or, after ``import depthprune``, ``AutoModelForCausalLM``.
 

@@ -62,7 +62,7 @@ def export(
 
     With ``export_format="hf"`` the model is saved with ``save_pretrained``: a standard
     checkpoint for a block-pruned model, or a ``depthprune_<family>`` checkpoint for a
-    model made by :func:`depthprune.modeling.to_depthpruned_` (loadable with
+    model made by :func:`depthprune.pruned_classes.to_depthpruned_` (loadable with
     ``depthprune.load`` or, after ``import depthprune``, ``AutoModelForCausalLM``).
 
     With ``export_format="nemotron-nas"`` (Llama and Mistral families, no emulators) the
@@ -92,7 +92,7 @@ def export(
     if export_format not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {export_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
-    from depthprune.modeling import WEIGHTS_VARIANT, is_depthpruned
+    from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
     with atomic_dir(out_path, force) as tmp:
@@ -161,7 +161,7 @@ def nemotron_nas_config(model: nn.Module) -> dict[str, Any]:
         InputError: the family is not Llama or Mistral, a sliding window is set, or the
             model has emulators.
     """
-    from depthprune.modeling import depthprune_info, is_depthpruned, spec_of
+    from depthprune.pruned_classes import depthprune_info, is_depthpruned, spec_of
 
     spec = spec_of(model)
     config = model.config

@@ -81,7 +81,7 @@ class RunContext:
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
-            from depthprune.models import load_model
+            from depthprune.loading import load_model
 
             r = self.recipe
             self._loaded = load_model(r.model, dtype=r.dtype, device=r.device, trust_remote_code=r.trust_remote_code)  # type: ignore[arg-type]
@@ -279,7 +279,7 @@ def preflight(recipe: Recipe) -> None:
     from depthprune.data import _DATASET_ID
     from depthprune.errors import InputError
     from depthprune.evaluate import parse_task
-    from depthprune.models import load_config
+    from depthprune.loading import load_config
     from depthprune.plan import PlanConfig, check_replace
     from depthprune.score import ScoreConfig
     from depthprune.sweep import SweepConfig

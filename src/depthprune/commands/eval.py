@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
     from depthprune._fs import check_output, write_json_atomic
     from depthprune.errors import InputError
     from depthprune.evaluate import evaluate, parse_task
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
     from depthprune.units import mask_units, parse_units
 
     if args.batch_size is not None and args.batch_size < 1:

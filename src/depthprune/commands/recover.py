@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> None:
     from depthprune.architectures import spec_for_config
     from depthprune.data import context_length, load_calibration
     from depthprune.errors import InputError
-    from depthprune.models import load_config, load_model
+    from depthprune.loading import load_config, load_model
     from depthprune.plan import plan_units, read_plan
     from depthprune.recover.compare import CompareConfig, compare_recovery, comparison_table, split_heldout, write_comparison
     from depthprune.recover.emulate import DEFAULT_RIDGE

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
 
     from depthprune._fs import check_output
     from depthprune.data import context_length, load_calibration
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
     from depthprune.report import plot_heatmap, scores_table
     from depthprune.score import ScoreConfig, score, write_scores
 

@@ -75,7 +75,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Load the model and build the value function; return (loaded, value, data or None)."""
     from depthprune.data import context_length, load_calibration
     from depthprune.errors import InputError
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
     from depthprune.score.values import ValueConfig, make_value
 
     value_config = ValueConfig(

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     from torch import nn
 
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
-    from depthprune.models import load_model
+    from depthprune.loading import load_model
     from depthprune.plan import load_scores
     from depthprune.sweep import SweepConfig, plot_sweep, sweep
 

@@ -16,7 +16,7 @@ to the stream as is. A removed block is emulated in its attention slot, and its 
 returns zero.
 
 The same function builds in-memory emulation (undone exactly by :meth:`Installed.remove`)
-and the layers of exported :mod:`depthprune.modeling` models, so both compute the same
+and the layers of exported :mod:`depthprune.pruned_classes` models, so both compute the same
 logits.
 
 KV cache: a removed attention writes no keys or values. When it first sees a cache it turns

@@ -31,7 +31,7 @@ _WEIGHT_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
-    # depthprune exports (see depthprune.modeling.WEIGHTS_VARIANT)
+    # depthprune exports (see depthprune.pruned_classes.WEIGHTS_VARIANT)
     "model.depthprune.safetensors",
     "model.safetensors.index.depthprune.json",
 )

@@ -21,8 +21,8 @@ from depthprune.api import prune_model
 from depthprune.data import context_length, load_calibration
 from depthprune.errors import InputError, ModelLoadError
 from depthprune.export import export, read_manifest
-from depthprune.modeling import depthprune_info, is_depthpruned, spec_of, to_depthpruned_
-from depthprune.models import load_model
+from depthprune.pruned_classes import depthprune_info, is_depthpruned, spec_of, to_depthpruned_
+from depthprune.loading import load_model
 from depthprune.recover import BiasEmulator, EmulationConfig, emulate, fit_emulators, kv_cache_bytes
 from depthprune.units import Unit, mask_units
 

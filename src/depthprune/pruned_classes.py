@@ -380,7 +380,7 @@ def load(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from depthprune.models import DTYPES, resolve_local
+    from depthprune.loading import DTYPES, resolve_local
 
     folder = resolve_local(str(path))
     if dtype not in DTYPES:
