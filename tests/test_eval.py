@@ -185,7 +185,7 @@ def test_parse_task_specs() -> None:
         ("ppl:x.txt,seqlen=5", "unknown option 'seqlen'.*Did you mean: seq_len\\?"),
         ("ppl:x.txt,seq_len=abc", "seq_len=abc .* must be an integer"),
         ("ppl:x.txt,seq_len", "is not key=value"),
-        ("ppl:x.txt,bos=windw", "not one of auto, none, stream, window. Did you mean: window\\?"),
+        ("ppl:x.txt,bos=windw", "option bos .windw.*Did you mean: window\\? Available: auto, none, stream, window"),
         ("ppl:x.txt,stride=0", "stride must be at least 1"),
         ("mmlu:d,limit=1,limit=2", "given twice"),
         ("mmlu:d,shot=3", "Did you mean: shots\\?"),

@@ -41,8 +41,8 @@ def _recipe(model: Path, **over: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda d: d.update(modle="x"), "unknown key recipe.modle. Did you mean: model?"),
-        (lambda d: d["plan"].update(metrc="cosine"), "unknown key plan.metrc. Did you mean: metric?"),
+        (lambda d: d.update(modle="x"), "unknown key 'modle' in recipe. Did you mean: model?"),
+        (lambda d: d["plan"].update(metrc="cosine"), "unknown key 'metrc' in plan. Did you mean: metric?"),
         (lambda d: d.pop("model"), "missing the required key 'model'"),
         (lambda d: d["data"].pop("source"), "data is missing the required key 'source'"),
         (lambda d: d.update(score=["cosine"]), "score must be a mapping"),

@@ -9,12 +9,12 @@ from typing import Any
 from depthprune._fs import check_output
 from depthprune.architectures import spec_for_config
 from depthprune.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, context_length, load_calibration
-from depthprune.errors import InputError
+from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
-from depthprune.pruned_classes import to_depthpruned_
 from depthprune.loading import DType, load_config, load_model
 from depthprune.plan import check_replace, plan_units, read_plan
 from depthprune.prune import PruneResult, prune_
+from depthprune.pruned_classes import to_depthpruned_
 from depthprune.recover.emulate import DEFAULT_RIDGE, EmulationConfig, fit_emulators
 from depthprune.recover.install import check_replacements
 from depthprune.units import Unit, parse_units
@@ -91,8 +91,7 @@ def prune_model(
         raise InputError("nothing to remove; pass --remove block.N[,block.M...] or --plan plan.json")
     if recover is not None:
         check_replace(recover, "--recover value")
-    if export_format not in EXPORT_FORMATS:
-        raise InputError(f"unknown export format {export_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    check_choice(export_format, EXPORT_FORMATS, "export format")
     plan_doc = read_plan(plan) if plan else None
     if not dry_run:
         check_output(out, force)

@@ -6,7 +6,7 @@ The CLI turns any of them into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TypeVar
 
 V = TypeVar("V")
@@ -42,17 +42,23 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f" Did you mean: {close[0]}?" if close else ""
 
 
-def lookup(registry: Mapping[str, V], name: str, what: str) -> V:
-    """``registry[name]``, or an :class:`InputError` that suggests the closest name.
+def unknown_choice(what: str, name: object, choices: Iterable[str], where: str = "") -> InputError:
+    """The error for a value that is not one of ``choices``.
 
-    The message reads ``unknown {what} 'x'. Did you mean: y? Available: ...``.
+    The message reads ``unknown {what} 'x'{where}. Did you mean: y? Available: a, b``.
     """
-    try:
-        return registry[name]
-    except KeyError:
-        raise InputError(
-            f"unknown {what} {name!r}.{did_you_mean(str(name), registry)} Available: {', '.join(registry)}"
-        ) from None
+    choices = [str(c) for c in choices]
+    return InputError(
+        f"unknown {what} {name!r}{where}.{did_you_mean(str(name), choices)} Available: {', '.join(choices) or 'none'}"
+    )
+
+
+def check_choice(name: V, choices: Iterable[str], what: str, where: str = "") -> V:
+    """Return ``name`` when it is one of ``choices``, else raise :func:`unknown_choice`'s error."""
+    choices = list(choices)
+    if name not in choices:
+        raise unknown_choice(what, name, choices, where)
+    return name
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import atomic_dir
-from depthprune.errors import InputError
+from depthprune.errors import InputError, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def export(
     out_path = Path(out)
     if source_dir is not None and out_path.resolve() == Path(source_dir).resolve():
         raise InputError(f"refusing to write into the source model folder {str(source_dir)!r}; choose another -o")
-    if export_format not in EXPORT_FORMATS:
-        raise InputError(f"unknown export format {export_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    check_choice(export_format, EXPORT_FORMATS, "export format")
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 

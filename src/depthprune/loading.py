@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
-from depthprune.errors import DepthPruneError, ModelLoadError, first_line
+from depthprune.errors import DepthPruneError, ModelLoadError, check_choice, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ def load_model(
     spec = spec_for_config(config)
     if local is not None and not any((local / f).is_file() for f in _WEIGHT_FILES):
         raise ModelLoadError(f"{name!r} has a config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    check_choice(dtype, DTYPES, "dtype")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 from depthprune.units import UNIT_KINDS, Unit
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,7 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric.strip():
             raise InputError(f"metric {self.metric!r} is not a metric name; pass --metric NAME as listed in scores.json")
-        if self.units not in UNIT_KINDS:
-            raise InputError(
-                f"unknown unit kind {self.units!r}.{did_you_mean(str(self.units), UNIT_KINDS)} "
-                f"Available: {', '.join(UNIT_KINDS)}"
-            )
+        check_choice(self.units, UNIT_KINDS, "unit kind")
         if self.remove is not None:
             _check_budget(self.remove)
         for name in ("keep_first", "keep_last"):
@@ -217,9 +213,7 @@ def metric_span(scores: dict[str, Any], metric: str) -> int | None:
 
 def _metric_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
     table = scores["scores"]
-    if metric not in table:
-        available = ", ".join(table) or "none"
-        raise InputError(f"unknown metric {metric!r}.{did_you_mean(metric, table)} Available: {available}")
+    check_choice(metric, table, "metric")
     return table[metric]
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from depthprune import __version__
-from depthprune.errors import InputError, ModelLoadError, first_line
+from depthprune.errors import InputError, ModelLoadError, check_choice, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -383,8 +383,7 @@ def load(
     from depthprune.loading import DTYPES, resolve_local
 
     folder = resolve_local(str(path))
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    check_choice(dtype, DTYPES, "dtype")
     register_auto_classes()
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
     if attn_implementation:

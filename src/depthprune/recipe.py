@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
-        if key not in names:
-            raise InputError(f"unknown key {where}.{key}.{did_you_mean(key, names)} Allowed: {', '.join(names)}")
+        check_choice(key, names, "key", f" in {where}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from depthprune._fs import check_output
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 from depthprune.plan import metric_span, validate_scores
 from depthprune.units import UNIT_KINDS, Unit
 
@@ -29,8 +29,7 @@ def _metrics(scores: dict[str, Any], metrics: Sequence[str] | None) -> list[str]
     table = scores["scores"]
     chosen = list(table) if metrics is None else list(dict.fromkeys(metrics))
     for m in chosen:
-        if m not in table:
-            raise InputError(f"unknown metric {m!r}.{did_you_mean(m, table)} Available: {', '.join(table) or 'none'}")
+        check_choice(m, table, "metric")
     if not chosen:
         raise InputError("no metrics to show: the scores document has none")
     return chosen
@@ -93,8 +92,7 @@ def scores_table(
     key_metric = sort_by or shown[0]
     if kinds is not None:
         for kind in kinds:
-            if kind not in UNIT_KINDS:
-                raise InputError(f"unknown unit kind {kind!r}.{did_you_mean(kind, UNIT_KINDS)} Available: {', '.join(UNIT_KINDS)}")
+            check_choice(kind, UNIT_KINDS, "unit kind")
     units = _units(scores, shown, kinds)
     key_values = scores["scores"][key_metric]
 

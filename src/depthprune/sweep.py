@@ -22,7 +22,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 from depthprune.progress import counter
 from depthprune.units import UNIT_KINDS, Unit, mask_units
 
@@ -54,8 +54,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if not self.metrics:
             raise InputError("no metrics to sweep; pass --metrics such as cosine,rel_l2")
-        if self.units not in UNIT_KINDS:
-            raise InputError(f"unknown unit kind {self.units!r}.{did_you_mean(self.units, UNIT_KINDS)} Available: {', '.join(UNIT_KINDS)}")
+        check_choice(self.units, UNIT_KINDS, "unit kind")
         if self.max_remove < 1:
             raise InputError(f"--max-remove must be at least 1, got {self.max_remove}")
 
@@ -92,10 +91,7 @@ class SweepResult:
 def removal_order(scores: dict[str, Any], metric: str, kind: str, n_layers: int) -> list[str]:
     """Units of ``kind``, least important first by ``metric`` (ties by layer index)."""
     table = scores.get("scores", {})
-    if metric not in table:
-        raise InputError(
-            f"scores file has no metric {metric!r}.{did_you_mean(metric, table)} Available: {', '.join(table) or 'none'}"
-        )
+    check_choice(metric, table, "metric", " in the scores file")
     if table[metric] and "span" in scores.get("definitions", {}).get(metric, {}):
         raise InputError(f"{metric!r} scores spans, not single units; sweep a per-unit metric")
     values = {u: v for u, v in table[metric].items() if Unit.parse(u, n_layers).kind == kind}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from depthprune.architectures import ArchSpec, get_submodule, spec_for_config
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 
 UnitKind = Literal["block", "attn", "mlp"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("block", "attn", "mlp")
@@ -64,11 +64,7 @@ class Unit:
                 f"{', '.join(UNIT_KINDS)} (e.g. block.3, attn.0)"
             )
         kind, index = match.group(1), int(match.group(2))
-        if kind not in UNIT_KINDS:
-            raise InputError(
-                f"unknown unit kind {kind!r} in {name!r}.{did_you_mean(kind, UNIT_KINDS)} "
-                f"Available: {', '.join(UNIT_KINDS)}"
-            )
+        check_choice(kind, UNIT_KINDS, "unit kind", f" in {name!r}")
         if n_layers is not None and not 0 <= index < n_layers:
             raise InputError(
                 f"unit {text!r} is out of range: the model has {n_layers} layers (indices 0..{n_layers - 1})"
@@ -89,8 +85,7 @@ def all_units(n_layers: int, kinds: Iterable[str] = UNIT_KINDS) -> list[Unit]:
     """Every unit of the given kinds in a model of ``n_layers`` layers, layer by layer."""
     kinds = tuple(kinds)
     for kind in kinds:
-        if kind not in UNIT_KINDS:
-            raise InputError(f"unknown unit kind {kind!r}.{did_you_mean(kind, UNIT_KINDS)} Available: {', '.join(UNIT_KINDS)}")
+        check_choice(kind, UNIT_KINDS, "unit kind")
     return [Unit(k, i) for i in range(n_layers) for k in UNIT_KINDS if k in kinds]  # type: ignore[arg-type]
 
 

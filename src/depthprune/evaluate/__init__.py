@@ -29,11 +29,12 @@ from typing import Any
 from torch import nn
 
 from depthprune import __version__
-from depthprune.errors import InputError, lookup
+from depthprune.errors import InputError
 from depthprune.evaluate.harness import HarnessConfig, evaluate_harness
 from depthprune.evaluate.mmlu import MMLUConfig, MMLUQuestion, evaluate_mmlu, load_mmlu
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
 from depthprune.evaluate.spec import RawSpec, build_config, option_fields, split_spec
+from depthprune.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TaskKind:
         return list(option_fields(self.config_cls))
 
 
-TASKS: dict[str, TaskKind] = {}
+TASKS: Registry[TaskKind] = Registry("task kind")
 
 
 def task_kind(
@@ -95,9 +96,7 @@ def task_kind(
     """Register the decorated ``run(model, tokenizer, target, config)`` as a task kind."""
 
     def add(fn: RunFn) -> RunFn:
-        if name in TASKS:
-            raise ValueError(f"task kind {name!r} is registered twice")
-        TASKS[name] = TaskKind(name, config_cls, fn, headline, target, description, reference)
+        TASKS.add(name, TaskKind(name, config_cls, fn, headline, target, description, reference))
         return fn
 
     return add
@@ -105,7 +104,7 @@ def task_kind(
 
 def get_task_kind(name: str) -> TaskKind:
     """Look a task kind up, suggesting the closest name on a miss."""
-    return lookup(TASKS, name, "task kind")
+    return TASKS.get(name)
 
 
 @task_kind(
@@ -216,7 +215,7 @@ def evaluate(
     try:
         for spec in specs:
             start = time.perf_counter()
-            result = TASKS[spec.kind].run(model, tokenizer, spec.target, spec.config)
+            result = TASKS.get(spec.kind).run(model, tokenizer, spec.target, spec.config)
             key = spec.text if spec.text not in results else f"{spec.text}#{len(results)}"
             results[key] = {**result, "spec": spec.text, "seconds": round(time.perf_counter() - start, 3)}
             logger.info("%s: %.4f (%.1fs)", spec.text, task_score(result), results[key]["seconds"])

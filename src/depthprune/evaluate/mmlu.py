@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from depthprune.data import context_length, tokenizer_adds_bos
-from depthprune.errors import InputError, did_you_mean, first_line
+from depthprune.errors import InputError, check_choice, first_line
 from depthprune.evaluate._model import (
     accepts_logits_to_keep,
     logits_at,
@@ -149,10 +149,7 @@ def _read_csv(path: Path, subject: str, limit: int | None) -> list[MMLUQuestion]
 def _check_subjects(subjects: Iterable[str], available: list[str], where: str) -> list[str]:
     chosen = list(dict.fromkeys(subjects))
     for s in chosen:
-        if s not in available:
-            raise InputError(
-                f"unknown MMLU subject {s!r} in {where}.{did_you_mean(s, available)} Available: {', '.join(available)}"
-            )
+        check_choice(s, available, "MMLU subject", f" in {where}")
     return chosen
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune.data import DEFAULT_SEQ_LEN, context_length, read_texts, tokenizer_adds_bos
-from depthprune.errors import InputError
+from depthprune.errors import InputError, check_choice
 from depthprune.evaluate._model import logits_at, model_device, pad_id_of, right_pad
 from depthprune.progress import counter
 
@@ -86,10 +86,8 @@ class PerplexityConfig:
             raise InputError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.stride is not None and self.stride < 1:
             raise InputError(f"stride must be at least 1, got {self.stride}")
-        if self.bos not in BOS_MODES:
-            raise InputError(f"unknown bos mode {self.bos!r}; expected one of {', '.join(BOS_MODES)}")
-        if self.documents not in DOCUMENT_MODES:
-            raise InputError(f"unknown documents mode {self.documents!r}; expected one of {', '.join(DOCUMENT_MODES)}")
+        check_choice(self.bos, BOS_MODES, "bos mode")
+        check_choice(self.documents, DOCUMENT_MODES, "documents mode")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise InputError(f"max_tokens must be at least 2, got {self.max_tokens}")
         if self.batch_size < 1:

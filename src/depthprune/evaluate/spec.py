@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 
 __all__ = ["LIST_SEPARATOR", "RawSpec", "build_config", "convert_option", "option_fields", "split_spec"]
 
@@ -54,8 +54,7 @@ def split_spec(text: str, kinds: list[str]) -> RawSpec:
     kind = kind.strip()
     if not sep or not kind:
         raise InputError(f"task spec {text!r} has no kind; expected KIND:TARGET[,key=value...] with KIND one of {', '.join(kinds)} ({example})")
-    if kind not in kinds:
-        raise InputError(f"unknown task kind {kind!r} in {text!r}.{did_you_mean(kind, kinds)} Available: {', '.join(kinds)}")
+    check_choice(kind, kinds, "task kind", f" in {text!r}")
     target, *pieces = rest.split(",")
     target = target.strip()
     if not target:
@@ -98,9 +97,7 @@ def convert_option(key: str, value: str, tp: Any, where: str) -> Any:
         origin = typing.get_origin(m)
         if origin is Literal:
             choices = [str(c) for c in typing.get_args(m)]
-            if value in choices:
-                return value
-            raise InputError(f"option {key}={value} in {where} is not one of {', '.join(choices)}.{did_you_mean(value, choices)}")
+            return check_choice(value, choices, f"value of option {key}", f" in {where}")
         if m is bool:
             if value.lower() in _TRUE + _FALSE:
                 return value.lower() in _TRUE
@@ -135,11 +132,7 @@ def build_config(config_cls: type, raw: RawSpec, defaults: dict[str, Any] | None
     fields = option_fields(config_cls)
     values: dict[str, Any] = {}
     for key, text in raw.options.items():
-        if key not in fields:
-            raise InputError(
-                f"unknown option {key!r} for {raw.kind} in {raw.text!r}.{did_you_mean(key, fields)} "
-                f"Options: {', '.join(fields)}"
-            )
+        check_choice(key, fields, "option", f" for {raw.kind} in {raw.text!r}")
         values[key] = convert_option(key, text, fields[key], repr(raw.text))
     all_fields = {f.name for f in dataclasses.fields(config_cls)}
     for key, value in (defaults or {}).items():

@@ -29,7 +29,7 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
-from depthprune.errors import InputError, did_you_mean
+from depthprune.errors import InputError, check_choice
 from depthprune.progress import counter
 from depthprune.recover.emulate import BiasEmulator, LowRankEmulator, emulate
 from depthprune.units import ModelLayout, Unit
@@ -74,11 +74,7 @@ class LearnConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in LEARN_METHODS:
-            raise InputError(
-                f"unknown learned method {self.method!r}.{did_you_mean(str(self.method), LEARN_METHODS)} "
-                f"Available: {', '.join(LEARN_METHODS)}"
-            )
+        check_choice(self.method, LEARN_METHODS, "learned method")
         for name in ("rank", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -31,7 +31,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
-from depthprune.errors import CheckpointError, InputError, did_you_mean
+from depthprune.errors import CheckpointError, InputError, check_choice
 from depthprune.progress import counter
 from depthprune.score.registry import DEEPER_LOOK
 from depthprune.score.shapley import ModelGame, ShapleyConfig, estimate_shapley
@@ -68,10 +68,7 @@ class IterativeConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(
-                f"unknown method {self.method!r}.{did_you_mean(str(self.method), METHODS)} Available: {', '.join(METHODS)}"
-            )
+        check_choice(self.method, METHODS, "method")
         r = self.remove
         if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, int) and r < 1) or (
             isinstance(r, float) and not 0.0 < r < 1.0

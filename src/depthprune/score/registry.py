@@ -8,7 +8,8 @@ from typing import Literal
 
 import torch
 
-from depthprune.errors import InputError, lookup
+from depthprune.errors import InputError
+from depthprune.registry import Registry
 
 MetricKind = Literal["static", "adaptive"]
 # A static metric maps per-token pieces to a per-token value:
@@ -44,17 +45,14 @@ class Metric:
     token_fn: TokenFn | None = None
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(metric: Metric) -> Metric:
     """Add a metric to the registry."""
-    if metric.name in METRICS:
-        raise ValueError(f"metric {metric.name!r} is registered twice")
     if (metric.kind == "static") != (metric.token_fn is not None):
         raise ValueError(f"metric {metric.name!r}: static metrics, and only they, need a token_fn")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.add(metric.name, metric)
 
 
 def static_metric(name: str, definition: str, reference: str) -> Callable[[TokenFn], TokenFn]:
@@ -69,7 +67,7 @@ def static_metric(name: str, definition: str, reference: str) -> Callable[[Token
 
 def get_metric(name: str) -> Metric:
     """Look a metric up, suggesting the closest name on a miss."""
-    return lookup(METRICS, name, "metric")
+    return METRICS.get(name)
 
 
 def parse_metrics(spec: str | list[str]) -> list[Metric]:

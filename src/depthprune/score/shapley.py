@@ -42,8 +42,9 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
-from depthprune.errors import CheckpointError, InputError, did_you_mean, lookup
+from depthprune.errors import CheckpointError, InputError, check_choice
 from depthprune.progress import counter
+from depthprune.registry import Registry
 from depthprune.score.adaptive import PrefixRunner
 from depthprune.score.registry import DEEPER_LOOK
 from depthprune.score.static import NonFiniteError
@@ -352,10 +353,7 @@ class ShapleyConfig:
             raise InputError(f"min_samples {self.min_samples!r} is invalid; a standard error needs at least 2 samples")
         if self.batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.design not in DESIGNS:
-            raise InputError(
-                f"unknown design {self.design!r}.{did_you_mean(str(self.design), DESIGNS)} Available: {', '.join(DESIGNS)}"
-            )
+        check_choice(self.design, DESIGNS, "design")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -429,16 +427,14 @@ class EstimatorSpec:
     cls: type[Estimator]
 
 
-ESTIMATORS: dict[str, EstimatorSpec] = {}
+ESTIMATORS: Registry[EstimatorSpec] = Registry("estimator")
 
 
 def register_estimator(name: str, description: str, reference: str) -> Callable[[type[Estimator]], type[Estimator]]:
     """Register the decorated :class:`Estimator` subclass under ``name``."""
 
     def add(cls: type[Estimator]) -> type[Estimator]:
-        if name in ESTIMATORS:
-            raise ValueError(f"estimator {name!r} is registered twice")
-        ESTIMATORS[name] = EstimatorSpec(name, description, reference, cls)
+        ESTIMATORS.add(name, EstimatorSpec(name, description, reference, cls))
         return cls
 
     return add
@@ -446,7 +442,7 @@ def register_estimator(name: str, description: str, reference: str) -> Callable[
 
 def get_estimator(name: str) -> EstimatorSpec:
     """Look an estimator up, suggesting the closest name on a miss."""
-    return lookup(ESTIMATORS, name, "estimator")
+    return ESTIMATORS.get(name)
 
 
 def shapley_weights(n: int) -> np.ndarray:
@@ -1079,8 +1075,7 @@ def unit_games(n_layers: int, kinds: Iterable[str]) -> dict[str, list[Unit]]:
     """
     kinds = list(dict.fromkeys(kinds))
     for k in kinds:
-        if k not in UNIT_KINDS:
-            raise InputError(f"unknown unit kind {k!r}.{did_you_mean(str(k), UNIT_KINDS)} Available: {', '.join(UNIT_KINDS)}")
+        check_choice(k, UNIT_KINDS, "unit kind")
     games: dict[str, list[Unit]] = {}
     if "block" in kinds:
         games["block"] = [Unit("block", i) for i in range(n_layers)]

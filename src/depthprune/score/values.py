@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from depthprune.data import CalibrationInfo, TokenBatches
-from depthprune.errors import InputError, did_you_mean, lookup
+from depthprune.errors import InputError, check_choice
+from depthprune.registry import Registry
 from depthprune.score.registry import DEEPER_LOOK
 
 logger = logging.getLogger(__name__)
@@ -101,16 +102,14 @@ class ValueSpec:
     build: Callable[..., ValueFunction]
 
 
-VALUES: dict[str, ValueSpec] = {}
+VALUES: Registry[ValueSpec] = Registry("value")
 
 
 def register_value(name: str, definition: str, reference: str) -> Callable[[Callable[..., ValueFunction]], Callable[..., ValueFunction]]:
     """Register the decorated builder ``build(config, data, tokenizer, max_context)`` as a value."""
 
     def add(build: Callable[..., ValueFunction]) -> Callable[..., ValueFunction]:
-        if name in VALUES:
-            raise ValueError(f"value {name!r} is registered twice")
-        VALUES[name] = ValueSpec(name, definition, reference, build)
+        VALUES.add(name, ValueSpec(name, definition, reference, build))
         return build
 
     return add
@@ -118,7 +117,7 @@ def register_value(name: str, definition: str, reference: str) -> Callable[[Call
 
 def get_value(name: str) -> ValueSpec:
     """Look a value function up, suggesting the closest name on a miss."""
-    return lookup(VALUES, name, "value")
+    return VALUES.get(name)
 
 
 @dataclass(frozen=True)
@@ -145,11 +144,7 @@ class ValueConfig:
 
     def __post_init__(self) -> None:
         get_value(self.name)
-        if self.task_metric not in TASK_METRICS:
-            raise InputError(
-                f"unknown task metric {self.task_metric!r}.{did_you_mean(str(self.task_metric), TASK_METRICS)} "
-                f"Available: {', '.join(TASK_METRICS)}"
-            )
+        check_choice(self.task_metric, TASK_METRICS, "task metric")
         if self.shots < 0:
             raise InputError(f"shots must be 0 or more, got {self.shots}")
         if self.limit is not None and self.limit < 1:
@@ -203,7 +198,7 @@ class _TokenValue(ValueFunction):
         return self.data.info
 
     def describe(self) -> dict[str, Any]:
-        return {"value": self.name, "definition": VALUES[self.name].definition, "data_sha256": self.data.info.sha256}
+        return {"value": self.name, "definition": VALUES.get(self.name).definition, "data_sha256": self.data.info.sha256}
 
 
 class LossValue(_TokenValue):
@@ -315,8 +310,7 @@ class MultipleChoiceValue(ValueFunction):
             raise InputError(f"answer {bad[0]} is out of range; expected 0..{len(conts) - 1} (one per choice)")
         if any(len(p) == 0 for p in prompts):
             raise InputError("a multiple-choice prompt is empty; every prompt needs at least one token")
-        if metric not in TASK_METRICS:
-            raise InputError(f"unknown task metric {metric!r}.{did_you_mean(str(metric), TASK_METRICS)} Available: {', '.join(TASK_METRICS)}")
+        check_choice(metric, TASK_METRICS, "task metric")
         heads = {c[:-1] for c in conts if len(c) > 1}
         if len(heads) > 1:
             raise InputError(
