@@ -165,7 +165,7 @@ def _tensor_bytes(dims: list[int], ggml_type: int) -> int:
 
     sizes = gguf.GGML_QUANT_SIZES.get(ggml_type)
     if sizes is None:
-        raise ValueError(f"unknown ggml tensor type {ggml_type}")
+        raise ValueError(f"unknown ggml tensor type {ggml_type}; a newer type needs a newer gguf package")
     block, type_size = sizes
     n = 1
     for d in dims:
@@ -275,8 +275,9 @@ def _config_for(path: str, architecture: str, size: int, mtime_ns: int) -> Any:
             "causal (decoder-only) language model; depthprune prunes decoder LLMs such as Llama or Qwen"
         )
     # transformers' GGUF config names no class; the family lookup matches on it first.
-    if not getattr(config, "architectures", None):
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if not getattr(config, "architectures", None) and isinstance(model_class, type):
+        config.architectures = [model_class.__name__]
     # The quantization lives in the file, not in the config; general.name is no path.
     for key in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, key):
