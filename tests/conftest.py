@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every family, a tiny tokenizer, and ../shared."""
+"""Shared fixtures: tiny random models of every family, a tiny tokenizer, and ../shared models."""
 
 from __future__ import annotations
 
@@ -131,6 +131,34 @@ def stories_lm(stories_dir: Path) -> Any:
     from depthprune.loading import load_model
 
     return load_model(str(stories_dir))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(shared: Path) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file (Llama, 30 layers, Q4_1) from ../shared."""
+    path = shared / "models" / "smollm2-135m" / SMOLLM2_GGUF
+    if not path.is_file():
+        pytest.skip(f"SmolLM2 GGUF not found: expected {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M converted once per session to a plain float32 Hugging Face folder."""
+    from depthprune.gguf_import import convert_gguf
+
+    return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2", "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm(smollm2_dir: Path) -> Any:
+    """The converted SmolLM2 loaded once per session (a LoadedModel); tests must leave it unchanged."""
+    from depthprune.loading import load_model
+
+    return load_model(str(smollm2_dir))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -117,8 +117,9 @@ def prune_model(
             f"the nemotron-nas format supports no_op only and cannot express emulators ({', '.join(emulated)}); "
             "use --format hf, or --recover none"
         )
-    if local is not None and Path(out).resolve() == local.resolve():
-        raise InputError(f"refusing to write into the source model folder {str(local)!r}; choose another -o")
+    # `local` is the model folder, or the folder holding a .gguf file, which is itself refused too.
+    if local is not None and Path(out).resolve() in (local.resolve(), Path(model).expanduser().resolve()):
+        raise InputError(f"refusing to write {str(out)!r}: it is or holds the source model {str(model)!r}; choose another -o")
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     calibration = None
     if all(u.kind == "block" and r == "none" for u, r in entries):

@@ -1,4 +1,7 @@
-"""Loading models and tokenizers from a local folder or the Hugging Face Hub."""
+"""Loading models and tokenizers from a local folder, a GGUF file or the Hugging Face Hub.
+
+A path ending in ``.gguf`` that is not a folder goes to :mod:`depthprune.gguf_import`.
+"""
 
 from __future__ import annotations
 
@@ -60,18 +63,28 @@ def is_local_reference(name: str) -> bool:
 
 
 def resolve_local(name: str) -> Path:
-    """Check that a local model reference is a model folder.
+    """Check that a local model reference is a model folder, or a GGUF file.
+
+    Returns:
+        The folder, or for a ``.gguf`` path the file itself once its header is checked.
 
     Raises:
-        ModelLoadError: the path does not exist, is a file, or has no ``config.json``.
+        ModelLoadError: the path does not exist, is a file (other than a GGUF file), has
+            no ``config.json``, or is a GGUF file that is truncated or malformed.
     """
+    from depthprune.gguf_import import has_gguf_magic, is_gguf_path, read_gguf_header
+
+    if is_gguf_path(name):
+        return read_gguf_header(name).path
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {name!r} does not exist; give a model folder or a Hub id such as org/name")
+    if not path.is_dir() and has_gguf_magic(path):
+        raise ModelLoadError(f"{name!r} is a GGUF file without the .gguf extension; rename it to end in .gguf")
     if not path.is_dir():
         raise ModelLoadError(
             f"{name!r} is a file, not a model folder; a llama2.c checkpoint is imported with "
-            "`depthprune convert-llama2c`"
+            "`depthprune convert-llama2c`, and a GGUF file must end in .gguf"
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(
@@ -82,9 +95,18 @@ def resolve_local(name: str) -> Path:
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, Path | None]:
-    """Load a model's config only (cheap), from a local folder or the Hub."""
+    """Load a model's config only (cheap), from a local folder, a GGUF file or the Hub.
+
+    Returns:
+        The config and the local folder the model lives in (for a GGUF file, the folder
+        holding it), or ``None`` for a Hub id.
+    """
     from transformers import AutoConfig
 
+    from depthprune.gguf_import import is_gguf_path, load_gguf_config
+
+    if is_gguf_path(name):
+        return load_gguf_config(name), Path(name).expanduser().parent
     local = resolve_local(name) if is_local_reference(name) else None
     try:
         config = AutoConfig.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
@@ -108,7 +130,8 @@ def load_model(
     model fails fast.
 
     Args:
-        name: A local model folder or a Hugging Face Hub id.
+        name: A local model folder, a ``.gguf`` file (dequantized into a plain model, see
+            :func:`depthprune.gguf_import.load_gguf`) or a Hugging Face Hub id.
         dtype: ``auto`` keeps the checkpoint's dtype.
         device: Where to put the model.
         trust_remote_code: Allow code from the model repository to run. Off by default.
@@ -124,6 +147,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from depthprune.gguf_import import is_gguf_path, load_gguf
+
+    if is_gguf_path(name):
+        return load_gguf(name, dtype, device, attn_implementation, load_tokenizer)
     config, local = load_config(name, trust_remote_code)
     spec = spec_for_config(config)
     if local is not None and not any((local / f).is_file() for f in _WEIGHT_FILES):

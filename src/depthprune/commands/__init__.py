@@ -14,7 +14,7 @@ import argparse
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The positional model and the loading flags shared by every command that loads one."""
-    p.add_argument("model", help="a local model folder or a Hugging Face Hub id")
+    p.add_argument("model", help="a local model folder, a .gguf file or a Hugging Face Hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument(

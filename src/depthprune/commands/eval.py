@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a model: perplexity, MMLU (paper's 5-shot protocol), any lm-eval task",
         description="Evaluate a saved model on task specs and print a table; --json writes every number and its protocol.",
     )
-    p.add_argument("model", help="a local model folder or a Hugging Face Hub id")
+    p.add_argument("model", help="a local model folder, a .gguf file or a Hugging Face Hub id")
     p.add_argument("--task", "-t", action="append", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--json", metavar="OUT", help="write the results, with each task's protocol, to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
