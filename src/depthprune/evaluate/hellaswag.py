@@ -63,6 +63,7 @@ __all__ = [
     "ending_loglikelihoods",
     "evaluate_hellaswag",
     "load_hellaswag",
+    "predictions",
     "prepare_hellaswag",
     "preprocess",
     "split_context",
