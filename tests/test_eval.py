@@ -16,7 +16,7 @@ from conftest import tiny_model, tiny_tokenizer
 from depthprune.data import read_texts
 from depthprune.errors import DepthPruneError, InputError
 from depthprune.evaluate import HarnessConfig, MMLUConfig, PerplexityConfig, evaluate, parse_task, task_score
-from depthprune.evaluate.perplexity import Window, perplexity, plan_windows
+from depthprune.evaluate.perplexity import Window, _sha256, perplexity, plan_windows
 
 TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 12
 
@@ -147,6 +147,45 @@ def test_wikitext_is_scored_as_the_raw_file(stories_lm: Any, shared: Path) -> No
     p = result["protocol"]
     assert (p["mode"], p["bos"], p["n_tokens"], p["n_windows"]) == ("windows", "stream", 2048, 4)
     assert result["n_scored"] == 2048 - 4
+
+
+@pytest.mark.parametrize("documents", ["join", "separate"])
+def test_max_tokens_is_a_recorded_leading_slice(documents: str, stories_lm: Any, shared: Path) -> None:
+    sample = shared / "data" / "tinystories" / "tinystories_sample.txt"
+    model, tok = stories_lm.model, stories_lm.tokenizer
+    stories = [s.strip() for s in read_texts(sample)]
+    ids = [tok(s, add_special_tokens=False)["input_ids"] for s in stories]
+    if documents == "join":
+        streams = [[tok.bos_token_id] + [t for i, s in enumerate(ids) for t in ([tok.eos_token_id] if i else []) + s]]
+    else:
+        streams = [[tok.bos_token_id, *s] for s in ids]
+    n_max = len(streams[0]) + 40 if documents == "separate" else 300  # separate: all of story 1, 40 tokens of story 2
+    config = PerplexityConfig(seq_len=128, max_tokens=n_max, documents=documents, bos="stream", strip=True, show_progress=False)  # type: ignore[arg-type]
+    result = perplexity(model, tok, sample, config)
+
+    # The reference: the first n_max tokens, cut by hand, in windows of 128.
+    head, left = [], n_max
+    for s in streams:
+        head.append(s[:left])
+        left -= len(head[-1])
+        if left <= 0:
+            break
+    chunks = [s[i : i + 128] for s in head for i in range(0, len(s), 128)]
+    total = sum(_nll_sum(model, c, len(c) - 1) for c in chunks if len(c) > 1)
+    count = sum(len(c) - 1 for c in chunks)
+    assert result["n_scored"] == count and result["nll"] == pytest.approx(total / count, rel=1e-5)
+    # Any other slice of the same length scores another number: the test can tell them apart.
+    tail = [streams[-1][-n_max:]] if documents == "join" else [streams[-1][-40:]]
+    other = [t[i : i + 128] for t in tail for i in range(0, len(t), 128)]
+    assert sum(_nll_sum(model, c, len(c) - 1) for c in other) / sum(len(c) - 1 for c in other) != pytest.approx(total / count, rel=1e-3)
+
+    p = result["protocol"]
+    assert p["max_tokens"] == p["config"]["max_tokens"] == p["n_tokens"] == n_max
+    assert p["n_tokens_available"] == sum(len(s) for s in streams) > n_max
+    assert p["n_streams"] == len(head) == (2 if documents == "separate" else 1)
+    assert p["tokens_sha256"] == _sha256(head)
+    whole = perplexity(model, tok, sample, PerplexityConfig(seq_len=128, documents=documents, bos="stream", strip=True, show_progress=False))  # type: ignore[arg-type]
+    assert whole["protocol"]["max_tokens"] is None and whole["protocol"]["n_tokens"] == p["n_tokens_available"]
 
 
 def test_perplexity_bad_input(text_file: Path, tmp_path: Path) -> None:

@@ -56,18 +56,26 @@ def task_dir(tmp_path: Path) -> Path:
 
 
 @torch.no_grad()
-def _reference_accuracy(model: torch.nn.Module, tok: Any, docs: list[dict]) -> float:
-    """Accuracy by argmax of each choice's summed log-probability, computed directly."""
-    hits = 0
+def _reference_lls(model: torch.nn.Module, tok: Any, docs: list[dict]) -> list[list[float]]:
+    """Each choice's summed log-probability given the context, from one plain forward pass
+    over context + choice (float64 log-softmax)."""
+    out = []
     for doc in docs:
         ctx = tok(doc["context"])["input_ids"]
-        scores = []
+        lls = []
         for choice in doc["choices"]:
             whole = tok(doc["context"] + choice)["input_ids"]
-            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
-            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
-        hits += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
-    return hits / len(docs)
+            assert whole[: len(ctx)] == ctx  # the choice starts a new token here
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            lls.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+        out.append(lls)
+    return out
+
+
+def _reference_accuracy(model: torch.nn.Module, tok: Any, docs: list[dict]) -> float:
+    """Accuracy by argmax of each choice's summed log-probability, computed directly."""
+    lls = _reference_lls(model, tok, docs)
+    return sum(max(range(len(row)), key=row.__getitem__) == doc["label"] for row, doc in zip(lls, docs)) / len(docs)
 
 
 def test_local_task_runs_offline_on_the_in_memory_model(stories_lm: Any, task_dir: Path) -> None:
@@ -100,3 +108,22 @@ def test_unknown_task_lists_close_names(stories_lm: Any, task_dir: Path) -> None
     # Not in include_path, so the built-in tasks are indexed too (several seconds).
     with pytest.raises(InputError, match="unknown lm-eval task 'tiny_stories_choise'.*Did you mean: tiny_stories_choice"):
         evaluate_harness(stories_lm.model, stories_lm.tokenizer, "tiny_stories_choise", HarnessConfig(include_path=str(task_dir)))
+
+
+@pytest.mark.parametrize("masked", [[], ["attn.1", "mlp.3"]])
+def test_bridge_loglikelihoods_match_a_direct_computation(stories_lm: Any, task_dir: Path, masked: list[str]) -> None:
+    # Per document and choice, not accuracy: a wrong log-likelihood could still pick the
+    # same choices on 4 documents. lm-eval runs the choices batched and right-padded in
+    # float32, the reference one at a time in float64 after the same float32 logits: the
+    # sums of 1-5 tokens agree to a few 1e-6 (measured 7e-6), so 1e-4 leaves room and still catches a token
+    # off by one (a difference of whole nats).
+    model, tok = stories_lm.model, stories_lm.tokenizer
+    config = HarnessConfig(include_path=str(task_dir), batch_size=3, log_samples=True)
+    with mask_units(model, masked):
+        result = evaluate_harness(model, tok, "tiny_stories_choice", config)
+        expected = _reference_lls(model, tok, DOCS)
+    samples = sorted(result["samples"]["tiny_stories_choice"], key=lambda s: s["doc_id"])
+    got = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    assert [[list(a) for a in s["arguments"]] for s in samples] == [[[d["context"], c] for c in d["choices"]] for d in DOCS]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert [s["acc"] for s in samples] == [int(max(range(3), key=row.__getitem__) == d["label"]) for row, d in zip(expected, DOCS)]

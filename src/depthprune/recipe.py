@@ -48,9 +48,12 @@ class PlanSection:
 
 @dataclass(frozen=True)
 class SweepSection:
+    """``units``: one kind, ``"block,attn,mlp"`` or a list; ``max_remove``: a count per kind
+    or a fraction in (0, 1) of each kind's units (see :class:`depthprune.sweep.SweepConfig`)."""
+
     metrics: list[str] = field(default_factory=lambda: ["cosine", "rel_l2", "loo_loss"])
-    units: str = "block"
-    max_remove: int = 2
+    units: str | list[str] = "block"
+    max_remove: int | float = 2
 
 
 @dataclass(frozen=True)

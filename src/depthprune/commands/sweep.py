@@ -1,4 +1,4 @@
-"""``depthprune sweep``: task score against units removed, one curve per metric."""
+"""``depthprune sweep``: task score against units removed, one curve per (unit kind, metric)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "sweep",
-        help="evaluate tasks with 0..K units removed in each metric's order (the paper's main figure)",
-        description="Units are masked, not removed, so one loaded model serves every point. sweep.json is "
+        help="evaluate tasks with 0..K units of each kind removed in each metric's order (the paper's main figure)",
+        description="Units are masked, not removed, so one loaded model serves every point. With several "
+        "--units, each kind is swept on its own curves (attention vs MLP vs block removal). sweep.json is "
         "rewritten after every point; rerunning the same command resumes.",
     )
     add_model_args(p)
     p.add_argument("--scores", required=True, help="scores.json from `depthprune score` or `depthprune shapley`")
     p.add_argument("--metrics", required=True, help="comma-separated metrics of scores.json, e.g. cosine,rel_l2,loo_loss,shapley")
-    p.add_argument("--units", default="block", choices=["block", "attn", "mlp"], help="kind of unit removed (default: block)")
-    p.add_argument("--max-remove", type=int, required=True, metavar="K", help="remove 0..K units per metric")
+    p.add_argument(
+        "--units",
+        default="block",
+        metavar="KINDS",
+        help="comma-separated unit kinds, each removed on its own curves: block, attn, mlp (default: block)",
+    )
+    p.add_argument(
+        "--max-remove",
+        required=True,
+        metavar="K|F",
+        help="per kind, remove 0..K units (a count >= 1) or 0..F of the kind's units (a fraction in (0, 1), e.g. 0.33)",
+    )
     p.add_argument(
         "--tasks",
         action="append",
         required=True,
-        help="task specs, comma-separated or repeated: ppl:FILE[,seq_len=T],mmlu:DIR[,limit=N],lm_eval:TASK",
+        help="task specs, comma-separated or repeated: ppl:FILE[,seq_len=T],mmlu:DIR[,limit=N],hellaswag:FILE,lm_eval:TASK",
     )
     p.add_argument("--batch-size", type=int, help="batch size of every task whose spec does not set one")
     p.add_argument("-o", "--output", required=True, help="folder for sweep.json and one PNG per task")
@@ -79,8 +90,8 @@ def run(args: argparse.Namespace) -> None:
         (Path(args.output) / "sweep.json").unlink()
     result = sweep(loaded.model, scores, config, evaluator, out_dir=args.output, model_name=args.model)
     pngs = plot_sweep(result, args.output, tasks)
-    for metric in result.points:
+    for kind, metric in result.lines():
         for task in tasks:
-            curve = ", ".join(f"{v:.4g}" for v in result.curve(metric, task))
-            print(f"{metric:>12}  {task}: {curve}")
+            curve = ", ".join(f"{v:.4g}" for v in result.curve(kind, metric, task))
+            print(f"{kind:>5} {metric:>12}  {task}: {curve}")
     print(f"wrote {Path(args.output) / 'sweep.json'} and {len(pngs)} plot(s)")

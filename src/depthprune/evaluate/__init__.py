@@ -8,6 +8,10 @@ A task is named by a spec ``KIND:TARGET[,key=value]...`` (see :mod:`depthprune.e
 - ``mmlu:PATH`` -- MMLU in the paper's 5-shot protocol on a local folder or
   ``cais/mmlu``; options from :class:`MMLUConfig` (``limit``, ``shots``, ``subjects``
   joined with ``+``, ``split``, ``max_length``, ``batch_size``, ``reuse_prefix``).
+- ``hellaswag:PATH`` -- HellaSwag 0-shot ``acc_norm`` and ``acc`` on the 6-line text file
+  (``.txt``/``.txt.bz2``) or JSON Lines of Hub rows, scored as lm-evaluation-harness's
+  ``hellaswag`` task; options from :class:`HellaSwagConfig` (``limit``, ``max_length``,
+  ``batch_size``).
 - ``lm_eval:TASK`` -- any lm-evaluation-harness task; options from
   :class:`HarnessConfig` (``include_path``, ``limit``, ``shots``, ``batch_size``,
   ``max_length``, ``bootstrap_iters``, ``seed``).
@@ -31,6 +35,7 @@ from torch import nn
 from depthprune import __version__
 from depthprune.errors import InputError
 from depthprune.evaluate.harness import HarnessConfig, evaluate_harness
+from depthprune.evaluate.hellaswag import HellaSwagConfig, evaluate_hellaswag
 from depthprune.evaluate.mmlu import MMLUConfig, MMLUQuestion, evaluate_mmlu, load_mmlu
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
 from depthprune.evaluate.spec import RawSpec, build_config, option_fields, split_spec
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TASKS",
     "HarnessConfig",
+    "HellaSwagConfig",
     "MMLUConfig",
     "MMLUQuestion",
     "PerplexityConfig",
@@ -48,6 +54,7 @@ __all__ = [
     "TaskSpec",
     "evaluate",
     "evaluate_harness",
+    "evaluate_hellaswag",
     "evaluate_mmlu",
     "get_task_kind",
     "load_mmlu",
@@ -132,6 +139,18 @@ def _run_mmlu(model: nn.Module, tokenizer: Any, target: str, config: MMLUConfig)
 
 
 @task_kind(
+    "hellaswag",
+    HellaSwagConfig,
+    headline="acc_norm",
+    target="hellaswag_val_full.txt(.bz2) (6-line records), a .jsonl of Hub rows, or a folder holding one",
+    description="HellaSwag 0-shot acc_norm (log-likelihood per character of each ending), as lm-eval's hellaswag",
+    reference="Zellers et al. 2019, HellaSwag; lm-evaluation-harness hellaswag task",
+)
+def _run_hellaswag(model: nn.Module, tokenizer: Any, target: str, config: HellaSwagConfig) -> dict[str, Any]:
+    return evaluate_hellaswag(model, tokenizer, target, config)
+
+
+@task_kind(
     "lm_eval",
     HarnessConfig,
     headline="score",
@@ -171,8 +190,8 @@ def parse_task(text: str, defaults: dict[str, Any] | None = None) -> TaskSpec:
 
 
 def task_score(result: dict[str, Any]) -> float:
-    """The headline number of a result: perplexity, MMLU micro accuracy, or the
-    harness task's main metric. ``result["higher_is_better"]`` says which way is better."""
+    """The headline number of a result: perplexity, MMLU micro accuracy, HellaSwag
+    acc_norm, or the harness task's main metric. ``result["higher_is_better"]`` says which way is better."""
     kind = result.get("task")
     if not isinstance(kind, str):
         raise InputError("result has no 'task' field; expected a dict returned by evaluate()")

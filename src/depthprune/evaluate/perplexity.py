@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -42,7 +42,7 @@ from depthprune.progress import counter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerplexityConfig", "Window", "perplexity", "plan_windows", "token_streams"]
+__all__ = ["PerplexityConfig", "Window", "leading_slice", "perplexity", "plan_windows", "token_streams"]
 
 Bos = Literal["auto", "none", "stream", "window"]
 Documents = Literal["join", "separate"]
@@ -63,7 +63,10 @@ class PerplexityConfig:
         bos: ``auto``, ``none``, ``stream`` or ``window`` (see the module docstring).
         documents: ``join`` the documents of the source with EOS into one stream, or
             keep them ``separate`` (windows never cross a document boundary).
-        max_tokens: Use only the first this many tokens of the stream(s), for quick runs.
+        max_tokens: Use only the first this many tokens of the stream(s), for quick runs:
+            a fixed leading slice (a stream BOS counts; with ``documents="separate"``
+            the first streams whole, then the start of the next). The protocol records
+            it, with ``n_tokens_available`` and the slice's SHA-256.
         strip: Strip the whitespace around each document (e.g. the newlines next to the
             ``<|endoftext|>`` markers of a file of stories). Off: the text is used as it is.
         batch_size: Windows per forward pass.
@@ -188,15 +191,20 @@ def token_streams(texts: list[str], tokenizer: Any, config: PerplexityConfig, bo
         streams = [joined]
     if bos == "stream":
         streams = [[tokenizer.bos_token_id, *s] for s in streams]
-    if config.max_tokens is not None:
-        capped, left = [], config.max_tokens
-        for s in streams:
-            if left <= 0:
-                break
-            capped.append(s[:left])
-            left -= len(capped[-1])
-        streams = capped
-    return [s for s in streams if s]
+    return leading_slice([s for s in streams if s], config.max_tokens)
+
+
+def leading_slice(streams: list[list[int]], max_tokens: int | None) -> list[list[int]]:
+    """The first ``max_tokens`` tokens of the streams, in order (all of them for ``None``)."""
+    if max_tokens is None:
+        return streams
+    capped, left = [], max_tokens
+    for s in streams:
+        if left <= 0:
+            break
+        capped.append(s[:left])
+        left -= len(capped[-1])
+    return capped
 
 
 def _sha256(streams: list[list[int]]) -> str:
@@ -263,7 +271,8 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str],
     texts = read_texts(source, config.text_field)
     if config.strip:
         texts = [t.strip() for t in texts]
-    streams = token_streams(texts, tokenizer, config, bos)
+    available = token_streams(texts, tokenizer, replace(config, max_tokens=None), bos)
+    streams = leading_slice(available, config.max_tokens)
     windows = [w for i, s in enumerate(streams) for w in plan_windows(len(s), seq_len, config.stride, window_bos, i)]
     if not windows:
         raise InputError(f"source {str(source)!r} holds too few tokens to score (need at least 2)")
@@ -292,6 +301,7 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str],
         "n_windows": len(windows),
         "n_scored": n,
         "max_tokens": config.max_tokens,
+        "n_tokens_available": sum(len(s) for s in available),
         "tokens_sha256": _sha256(streams),
         "reference": REFERENCE,
         "config": asdict(config),

@@ -3,13 +3,13 @@
 Grammar::
 
     SPEC    := KIND ":" TARGET ( "," KEY "=" VALUE )*
-    KIND    := a registered task kind (ppl, mmlu, lm_eval)
+    KIND    := a registered task kind (ppl, mmlu, hellaswag, lm_eval)
     TARGET  := what to evaluate on: a file, folder, dataset or task name (no commas)
     KEY     := a field of the kind's config dataclass (e.g. seq_len, limit, shots)
     VALUE   := an integer, a number, a word, true/false, or for a list A+B+C
 
 Examples: ``ppl:wiki.test.raw,seq_len=1024,stride=512``, ``mmlu:data/mmlu,limit=20``,
-``lm_eval:hellaswag,limit=100``, ``lm_eval:my_task,include_path=tasks/``.
+``hellaswag:data/hellaswag,limit=500``, ``lm_eval:hellaswag,limit=100``, ``lm_eval:my_task,include_path=tasks/``.
 """
 
 from __future__ import annotations
