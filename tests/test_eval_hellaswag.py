@@ -77,6 +77,8 @@ def test_reads_the_shared_file(shared: Path) -> None:
     )  # fmt: skip
     assert first.choices[3] == "starts pulling up roofing on a roof."
     assert load_hellaswag(path.parent, limit=5) == items[:5]  # the folder holds one data file
+    assert load_hellaswag(path, limit=3, skip=7) == items[7:10]
+    assert load_hellaswag(path, skip=10_040) == items[10_040:]
     assert {i.label for i in items} == {0, 1, 2, 3}
 
 

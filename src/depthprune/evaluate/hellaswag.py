@@ -214,21 +214,25 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".json", ".jsonl.bz2"))
 
 
-def load_hellaswag(source: str | os.PathLike[str], limit: int | None = None) -> list[HellaSwagItem]:
+def load_hellaswag(source: str | os.PathLike[str], limit: int | None = None, skip: int = 0) -> list[HellaSwagItem]:
     """Read HellaSwag items in file order.
 
     Args:
         source: A 6-line text file (``.txt`` or ``.txt.bz2``), a JSON Lines file of
             Hugging Face rows, or a folder holding one of them.
-        limit: Keep the first ``limit`` items.
+        limit: Keep the first ``limit`` items (after ``skip``).
+        skip: Leave out this many items at the start of the file.
 
     Raises:
         InputError: a missing file, a malformed record, no items.
     """
     if limit is not None and limit < 1:
         raise InputError(f"limit must be at least 1, got {limit}")
+    if skip < 0:
+        raise InputError(f"skip must be 0 or more, got {skip}")
     path = _data_file(Path(source).expanduser())
-    items = _read_jsonl(path, limit) if _is_jsonl(path) else _read_six_line(path, limit)
+    stop = None if limit is None else skip + limit
+    items = (_read_jsonl(path, stop) if _is_jsonl(path) else _read_six_line(path, stop))[skip:]
     if not items:
         raise InputError(f"HellaSwag file {str(path)!r} holds no items")
     return items
@@ -242,13 +246,16 @@ class HellaSwagConfig:
     """How HellaSwag is run.
 
     Attributes:
-        limit: Items to score (the first ones); all when ``None``.
+        limit: Items to score (the first ones after ``skip``); all when ``None``.
+        skip: Items left out at the start of the file, so that two slices (say, one to
+            choose units on and one to evaluate on) can be disjoint.
         max_length: Token budget of an input; default: the model's context (else 2048).
         batch_size: Rows (item endings) per forward pass.
         show_progress: Show a progress bar on a terminal.
     """
 
     limit: int | None = None
+    skip: int = 0
     max_length: int | None = None
     batch_size: int = 32
     show_progress: bool = True
@@ -256,6 +263,8 @@ class HellaSwagConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise InputError(f"limit must be at least 1, got {self.limit}")
+        if self.skip < 0:
+            raise InputError(f"skip must be 0 or more, got {self.skip}")
         if self.max_length is not None and self.max_length < 2:
             raise InputError(f"max_length must be at least 2 tokens, got {self.max_length}")
         if self.batch_size < 1:
@@ -425,7 +434,7 @@ def evaluate_hellaswag(model: nn.Module, tokenizer: Any, source: str | os.PathLi
     if tokenizer is None:
         raise InputError("the model has no tokenizer; HellaSwag needs one to tokenize the endings")
     data_file = _data_file(Path(source).expanduser())
-    items = load_hellaswag(data_file, config.limit)
+    items = load_hellaswag(data_file, config.limit, config.skip)
     max_length = config.max_length or context_length(model) or 2048
     prepared = prepare_hellaswag(tokenizer, items, max_length)
     scores = ending_loglikelihoods(model, prepared, config.batch_size, config.show_progress)
@@ -442,6 +451,7 @@ def evaluate_hellaswag(model: nn.Module, tokenizer: Any, source: str | os.PathLi
         "context_split": "ctx_a/ctx_b fields" if _is_jsonl(data_file) else "ctx_b = the unfinished sentence at the end",
         "data_file": str(data_file),
         "limit": config.limit,
+        "skip": config.skip,
         "n": n,
         "max_length": max_length,
         "bos": tokenizer_adds_bos(tokenizer),
