@@ -113,7 +113,8 @@ def _stage_score(ctx: RunContext) -> None:
 
 
 def _stage_plan(ctx: RunContext) -> None:
-    from depthprune.plan import PlanConfig, load_scores, make_plan, write_plan
+    from depthprune.plan import PlanConfig, make_plan, write_plan
+    from depthprune.scores_file import load_scores
 
     p = ctx.recipe.plan
     config = PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last, replace=ctx.recipe.recover)  # type: ignore[arg-type]
@@ -169,7 +170,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
 
 def _stage_sweep(ctx: RunContext) -> None:
     from depthprune.evaluate import evaluate, task_score
-    from depthprune.plan import load_scores
+    from depthprune.scores_file import load_scores
     from depthprune.sweep import SweepConfig, plot_sweep, sweep
 
     s = ctx.recipe.sweep
