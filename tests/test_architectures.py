@@ -42,7 +42,7 @@ def test_config_keys_read_the_layer_count_and_the_context(family: str) -> None:
 
 def test_context_of_an_unknown_family_is_unknown() -> None:
     class Cfg:
-        architectures = ["SomethingNew"]
+        architectures = ("SomethingNew",)
         model_type = "new"
         max_position_embeddings = 4096
 
