@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from depthprune._fs import write_json_atomic
-from depthprune.api import PruneConfig
+from depthprune.api import PruneConfig, prune_model
 from depthprune.architectures import num_layers
-from depthprune.loading import LoadConfig
+from depthprune.loading import LoadConfig, load_model
 from depthprune.recipe import Recipe, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ class RunContext:
             InputError: a loading or pruning setting of the recipe is invalid.
         """
         d = recipe.data
-        load = LoadConfig(recipe.model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code)  # type: ignore[arg-type]
+        load = LoadConfig(
+            recipe.model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code  # type: ignore[arg-type]
+        )
         prune = PruneConfig(
             out=out / "model",
             plan=out / "plan.json",
@@ -112,8 +114,6 @@ class RunContext:
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
-            from depthprune.loading import load_model
-
             self._loaded = load_model(self.load)
         return self._loaded
 
@@ -152,8 +152,6 @@ def _stage_plan(ctx: RunContext) -> None:
 
 
 def _stage_prune(ctx: RunContext) -> None:
-    from depthprune.api import prune_model
-
     prune_model(ctx.load, ctx.prune)
 
 
