@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from conftest import FAMILIES, tiny_model
 
-from depthprune.architectures import _BUILTIN_DIR, check_model, parse_spec, spec_for_config, supported_families
+from depthprune.architectures import (
+    _BUILTIN_DIR,
+    check_model,
+    match_spec,
+    num_layers,
+    parse_spec,
+    spec_for_config,
+    supported_families,
+)
+from depthprune.data import context_length
 from depthprune.errors import UnsupportedArchitectureError
 
 
@@ -19,6 +28,36 @@ def test_every_family_has_a_file_and_a_tiny_model() -> None:
         spec = spec_for_config(model.config)
         assert spec.family == fam
         check_model(model, spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_keys_read_the_layer_count_and_the_context(family: str) -> None:
+    spec = spec_for_config(tiny_model(family).config)
+    assert spec.max_positions_key is not None
+    # A value other than the fixtures' 128 shows that the file names the key the model reads.
+    model = tiny_model(family, **{spec.max_positions_key: 96, spec.num_layers_key: 3})
+    assert context_length(model) == context_length(model.config) == 96
+    assert num_layers(model.config) == len(model.get_submodule(spec.layers)) == 3
+
+
+def test_context_of_an_unknown_family_is_unknown() -> None:
+    class Cfg:
+        architectures = ("SomethingNew",)
+        model_type = "new"
+        max_position_embeddings = 4096
+
+    assert match_spec(Cfg()) is None and context_length(Cfg()) is None
+    with pytest.raises(UnsupportedArchitectureError, match="supported families"):
+        num_layers(Cfg())
+
+
+def test_nemotron_nas_is_declared_by_the_llama_layout_families_only() -> None:
+    allowed = sorted(fam for fam in FAMILIES if spec_for_config(tiny_model(fam).config).nemotron_nas)
+    assert allowed == ["llama", "mistral"]
+    data = json.loads((_BUILTIN_DIR / "gpt2.json").read_text())
+    assert "nemotron_nas" not in data and parse_spec(data).nemotron_nas is False
+    with pytest.raises(UnsupportedArchitectureError, match="nemotron_nas is 'yes'; expected true or false"):
+        parse_spec({**data, "nemotron_nas": "yes"})
 
 
 def test_match_falls_back_to_model_type() -> None:
@@ -35,6 +74,8 @@ def test_unknown_and_missing_keys_are_refused() -> None:
         parse_spec({**data, "layer": "x"})
     with pytest.raises(UnsupportedArchitectureError, match="missing keys \\['mlp'\\]"):
         parse_spec({k: v for k, v in data.items() if k != "mlp"})
+    with pytest.raises(UnsupportedArchitectureError, match="unknown config keys \\['max_position'\\]"):
+        parse_spec({**data, "config": {**data["config"], "max_position": "n_positions"}})
 
 
 def test_extra_folder_adds_a_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

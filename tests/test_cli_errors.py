@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from depthprune.cli import main
+from depthprune.cli import build_parser, main
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -112,3 +113,13 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
         f"depthprune: error: model path {str(tmp_path / 'nope')!r} does not exist; give a model folder or a Hub id such as org/name"
     ]
     assert proc.stdout == ""
+
+
+def test_no_subcommand_shadows_a_global_flag() -> None:
+    # A subcommand's own --quiet once overwrote the global -q with its default (False).
+    parser = build_parser()
+    global_dests = {a.dest for a in parser._actions if not isinstance(a, (argparse._SubParsersAction, argparse._HelpAction))}
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, subparser in sub.choices.items():
+        shadowed = global_dests & {a.dest for a in subparser._actions}
+        assert not shadowed, f"`depthprune {name}` redefines global {sorted(shadowed)}"

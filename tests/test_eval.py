@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import math
 from pathlib import Path
@@ -270,11 +270,10 @@ def test_evaluate_runs_every_kind_of_spec_and_records_the_protocol(text_file: Pa
 
 
 def _cli(argv: list[str]) -> None:
-    from depthprune.commands import eval as eval_command
+    """Run a command as ``depthprune`` parses it, letting its errors raise."""
+    from depthprune.cli import parse_args
 
-    parser = argparse.ArgumentParser(prog="depthprune")
-    eval_command.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     args.func(args)
 
 
@@ -292,3 +291,28 @@ def test_cli_eval_writes_json(tiny_model_dirs: dict[str, Path], text_file: Path,
     assert json.loads(out.read_text())["tasks"][f"ppl:{text_file},seq_len=32"]["perplexity"] != result["perplexity"]
     with pytest.raises(InputError, match="Did you mean: mmlu"):
         _cli(["eval", str(tiny_model_dirs["llama"]), "--task", "mlu:x"])
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "hidden"),
+    [([], [], False), (["-q"], [], True), ([], ["--quiet"], True), ([], ["-q"], True)],
+    ids=["default", "global-q", "eval-quiet", "eval-q"],
+)
+def test_cli_eval_quiet_hides_the_progress_bar(
+    head: list[str], tail: list[str], hidden: bool, tiny_model_dirs: dict[str, Path], text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from depthprune.cli import main
+
+    # The package exports a function named perplexity, which hides the module's name.
+    perplexity_module = importlib.import_module("depthprune.evaluate.perplexity")
+    disabled: list[bool] = []
+    real_counter = perplexity_module.counter
+
+    def spy(total: int, desc: str, disable: bool = False) -> Any:
+        disabled.append(disable)
+        return real_counter(total, desc, disable)
+
+    monkeypatch.setattr(perplexity_module, "counter", spy)
+    task = f"ppl:{text_file},seq_len=32"
+    assert main([*head, "eval", str(tiny_model_dirs["llama"]), "--task", task, *tail]) == 0
+    assert disabled == [hidden]

@@ -13,11 +13,14 @@ import torch
 from conftest import FAMILIES, N_LAYERS, tiny_model
 from safetensors.torch import load_file
 
+from depthprune import api
+from depthprune.api import PruneConfig
 from depthprune.cli import main
 from depthprune.errors import InputError
 from depthprune.export import read_manifest
-from depthprune.prune import prune_
-from depthprune.units import ModelLayout, mask_units
+from depthprune.loading import DTYPES, LoadConfig, as_load_config
+from depthprune.prune import PruneResult, prune_
+from depthprune.units import ModelLayout, Unit, mask_units
 
 REMOVE = "block.1,block.2"
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
@@ -118,3 +121,96 @@ def test_dry_run_writes_nothing(tiny_model_dirs: dict[str, Path], tmp_path: Path
     assert "would remove block.3: 4 -> 3 layers" in capsys.readouterr().out
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"model": ""}, "model '' is not a model reference"),
+        ({"dtype": "float61"}, "unknown dtype 'float61'. Did you mean: float16"),
+        ({"device": "gpu"}, "device 'gpu' is not a torch device"),
+        ({"trust_remote_code": "yes"}, "trust_remote_code 'yes' is invalid"),
+        ({"attn_implementation": ""}, "attn_implementation '' is invalid"),
+    ],
+)
+def test_load_config_refuses_bad_values_in_one_line(kwargs: dict, needle: str) -> None:
+    with pytest.raises(InputError) as err:
+        LoadConfig(**{"model": "org/name", **kwargs})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_model_shorthand_is_a_load_config(tmp_path: Path) -> None:
+    assert as_load_config("org/name", dtype="float32") == LoadConfig("org/name", dtype="float32")
+    assert as_load_config(tmp_path).model == str(tmp_path)
+    assert as_load_config(LoadConfig("org/name", dtype="float16"), device="meta") == LoadConfig("org/name", "float16", "meta")
+    with pytest.raises(TypeError, match="dtyp"):
+        as_load_config("org/name", dtyp="float32")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"remove": "block.1", "plan": "plan.json"}, "both --remove and --plan were given"),
+        ({}, "nothing to remove"),
+        ({"remove": "blok.1"}, "unknown unit kind 'blok'"),
+        ({"remove": "block.1", "recover": "lowrank"}, "unknown --recover value 'lowrank'"),
+        ({"remove": "block.1", "export_format": "onnx"}, "unknown export format 'onnx'"),
+        ({"remove": "block.1", "n_samples": 0}, "n_samples 0 is invalid"),
+        ({"remove": "block.1", "seq_len": 1}, "seq_len 1 is invalid"),
+        ({"remove": "block.1", "seed": -1}, "seed -1 is invalid"),
+        ({"remove": "block.1", "text_field": ""}, "text_field '' is invalid"),
+        ({"remove": "block.1", "ridge": -1.0}, "ridge -1.0 is invalid"),
+        ({"remove": "block.1", "batch_size": 0}, "batch size 0 is invalid"),
+        ({"remove": "block.1", "dry_run": "no"}, "dry_run 'no' is invalid"),
+    ],
+)
+def test_prune_config_refuses_bad_values_in_one_line(kwargs: dict, needle: str) -> None:
+    with pytest.raises(InputError) as err:
+        PruneConfig(out="out", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prune_config_parses_units_and_paths_once() -> None:
+    config = PruneConfig(out="out", remove="block.3, attn.1,block.3")
+    assert config.remove == (Unit("attn", 1), Unit("block", 3)) and config.out == Path("out")
+    assert PruneConfig(out="out", remove=[Unit("mlp", 2)]).remove == (Unit("mlp", 2),)
+    assert PruneConfig(out="out", plan="plan.json").plan == Path("plan.json")
+
+
+def test_model_flags_offer_every_dtype() -> None:
+    from depthprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        dtype = next((a for a in parser._actions if a.dest == "dtype"), None)
+        if dtype is not None:
+            assert dtype.choices == list(DTYPES), name
+
+
+def test_prune_cli_maps_every_flag_to_the_configs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[tuple[LoadConfig, PruneConfig]] = []
+
+    def fake_prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
+        seen.append((load, prune))
+        return PruneResult(removed=(Unit("block", 1),), n_layers_before=4, n_layers_after=3, params_before=10, params_after=8)
+
+    monkeypatch.setattr(api, "prune_model", fake_prune_model)
+    argv = ["prune", "org/name", "--dtype", "float16", "--device", "meta", "--trust-remote-code", "--plan", "p.json"]
+    argv += ["--recover", "lowrank:4", "--data", "d.txt", "--samples", "3", "--seq-len", "16", "--seed", "5"]
+    argv += ["--text-field", "body", "--ridge", "0.5", "--batch-size", "2", "--format", "nemotron-nas"]
+    argv += ["-o", "out", "--force", "--dry-run", "-q"]
+    assert main(argv) == 0
+    assert seen == [
+        (
+            LoadConfig("org/name", dtype="float16", device="meta", trust_remote_code=True),
+            PruneConfig(
+                out="out", plan="p.json", recover="lowrank:4", data="d.txt", n_samples=3, seq_len=16, seed=5,
+                text_field="body", ridge=0.5, batch_size=2, export_format="nemotron-nas", force=True, dry_run=True,
+                show_progress=False,
+            ),
+        )
+    ]
+    assert "would remove block.1: 4 -> 3 layers" in capsys.readouterr().out

@@ -17,12 +17,12 @@ from safetensors.torch import save_file
 
 import depthprune
 from conftest import FAMILIES, tiny_model
-from depthprune.api import prune_model
+from depthprune.api import PruneConfig, prune_model
 from depthprune.data import context_length, load_calibration
 from depthprune.errors import InputError, ModelLoadError
 from depthprune.export import export, read_manifest
 from depthprune.pruned_classes import depthprune_info, is_depthpruned, spec_of, to_depthpruned_
-from depthprune.loading import load_model
+from depthprune.loading import LoadConfig, load_model
 from depthprune.recover import BiasEmulator, EmulationConfig, emulate, fit_emulators, kv_cache_bytes
 from depthprune.units import Unit, mask_units
 
@@ -65,7 +65,8 @@ def exported(tiny_model_dirs: dict[str, Path], text: Path, tmp_path_factory: pyt
     outs = {}
     for family in FAMILIES:
         out = root / family
-        prune_model(str(tiny_model_dirs[family]), plan=plan, out=out, data=text, dtype="float32", show_progress=False, **CALIB)
+        config = PruneConfig(plan=plan, out=out, data=text, show_progress=False, **CALIB)
+        prune_model(LoadConfig(str(tiny_model_dirs[family]), dtype="float32"), config)
         outs[family] = out
     return outs
 
@@ -211,9 +212,16 @@ def test_prune_model_refuses_before_loading(
     if kwargs.get("data") == "TEXT":
         kwargs = {**kwargs, "data": text}
     with pytest.raises(InputError) as err:
-        prune_model(str(tiny_model_dirs["llama"]), out=tmp_path / "out", **kwargs)
+        prune_model(LoadConfig(str(tiny_model_dirs["llama"])), PruneConfig(out=tmp_path / "out", **kwargs))
     for needle in needles:
         assert needle in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_model_refuses_a_family_that_nemotron_nas_cannot_express(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    config = PruneConfig(remove="attn.1", out=tmp_path / "out", export_format="nemotron-nas")
+    with pytest.raises(InputError, match="for the llama, mistral families; this model is 'gpt2'"):
+        prune_model(LoadConfig(str(tiny_model_dirs["gpt2"])), config)
     assert not (tmp_path / "out").exists()
 
 
@@ -229,7 +237,7 @@ def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str,
 
     out = tmp_path / "nas"
     plan = _plan_file(tmp_path, {"attn.1": "none", "mlp.2": "none", "block.3": "none"})
-    prune_model(str(tiny_model_dirs["llama"]), plan=plan, out=out, export_format="nemotron-nas", dtype="float32")
+    prune_model(LoadConfig(str(tiny_model_dirs["llama"]), dtype="float32"), PruneConfig(plan=plan, out=out, export_format="nemotron-nas"))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert config["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}

@@ -379,15 +379,15 @@ def test_score_dispatches_shapley(stories, stories_exact) -> None:
 
 
 def test_cli_register_builds_parsers() -> None:
-    from depthprune.commands.shapley import register
+    from depthprune.commands.shapley import register, run_iterative, run_shapley
 
     parser = argparse.ArgumentParser(prog="depthprune")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shapley", "m", "--data", "d.txt", "--units", "attn,mlp", "--estimator", "exact", "--budget", "100", "--tol", "0.01", "--resume", "-o", "s.json"])
     assert (args.estimator, args.budget, args.tol, args.resume, args.units) == ("exact", 100, 0.01, True, "attn,mlp")
-    assert callable(args.func)
+    assert args.func is run_shapley
     args = parser.parse_args(["iterative", "m", "--data", "d.txt", "--method", "greedy", "--remove", "2", "-o", "p.json"])
-    assert args.method == "greedy" and args.remove == "2" and callable(args.func)
+    assert args.method == "greedy" and args.remove == "2" and args.func is run_iterative
 
 
 def test_cli_writes_scores_and_plan(stories_dir: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -89,3 +89,27 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = Tru
             os.unlink(tmp)
         raise
     return target
+
+
+def read_json(path: str | os.PathLike[str], what: str, hint: str) -> Any:
+    """Read a JSON file that a person gives, with errors that name it.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages (``"plan file"``).
+        hint: How to get a good one, appended when the file is missing.
+
+    Raises:
+        InputError: the file is missing, a folder, not UTF-8 or not valid JSON.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} {str(p)!r} does not exist; {hint}")
+    if not p.is_file():
+        raise InputError(f"{what} {str(p)!r} is not a file; {hint}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {str(p)!r} is not UTF-8 text; expected a JSON file") from None

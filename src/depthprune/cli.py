@@ -71,12 +71,19 @@ def _setup_logging(args: argparse.Namespace) -> None:
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose", "--log-json")
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; global flags may also be written after the subcommand.
+
+    They are moved in front of it, so no subcommand may define a flag of the same name:
+    its default would overwrite the global value (``eval --quiet`` once did).
+    """
+    argv = [a for a in argv if a in GLOBAL_FLAGS] + [a for a in argv if a not in GLOBAL_FLAGS]
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input, with one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Global flags may also be written after the subcommand.
-    argv = [a for a in argv if a in GLOBAL_FLAGS] + [a for a in argv if a not in GLOBAL_FLAGS]
-    args = build_parser().parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _setup_logging(args)
     try:
         args.func(args)

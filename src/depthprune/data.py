@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from depthprune.architectures import match_spec
 from depthprune.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
@@ -170,13 +171,17 @@ def token_stream(texts: list[str], tokenizer: Any) -> list[int]:
 
 
 def context_length(model: Any) -> int | None:
-    """The model's maximum context, from its config, or ``None`` if it does not say."""
+    """The model's maximum context, or ``None`` if its config does not say.
+
+    The config key comes from the family's architecture file (``config.max_positions``);
+    a model of no known family has no known context.
+
+    Args:
+        model: A model, or its Hugging Face config.
+    """
     config = getattr(model, "config", model)
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    spec = match_spec(config)
+    return spec.max_positions(config) if spec is not None else None
 
 
 def pack(

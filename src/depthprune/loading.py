@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +17,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
-from depthprune.errors import DepthPruneError, ModelLoadError, check_choice, first_line
+from depthprune.errors import (
+    DepthPruneError,
+    InputError,
+    ModelLoadError,
+    check_choice,
+    first_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,60 @@ _WEIGHT_FILES = (
     "model.depthprune.safetensors",
     "model.safetensors.index.depthprune.json",
 )
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Which model to load, and how.
+
+    Attributes:
+        model: A local model folder or a Hugging Face Hub id.
+        dtype: Weight dtype; ``auto`` keeps the checkpoint's.
+        device: Torch device to put the model on, e.g. ``cpu`` or ``cuda:0``.
+        trust_remote_code: Allow code from the model repository to run. Off by default.
+        attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``); ``None``
+            lets transformers choose.
+        load_tokenizer: Also load the tokenizer; a model without one gets ``None``.
+    """
+
+    model: str
+    dtype: DType = "auto"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    load_tokenizer: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            object.__setattr__(self, "model", os.fspath(self.model))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InputError(
+                f"model {self.model!r} is not a model reference; give a local model folder or a Hub id such as org/name"
+            )
+        check_choice(self.dtype, DTYPES, "dtype")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"device {self.device!r} is not a torch device; expected e.g. cpu, cuda or cuda:0") from None
+        for name in ("trust_remote_code", "load_tokenizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
+        attn = self.attn_implementation
+        if attn is not None and (not isinstance(attn, str) or not attn):
+            raise InputError(
+                f"attn_implementation {self.attn_implementation!r} is invalid; expected a name such as eager or sdpa, or None"
+            )
+
+
+def as_load_config(model: LoadConfig | str | os.PathLike[str], **options: Any) -> LoadConfig:
+    """A :class:`LoadConfig` from a config or a model reference, with ``options`` applied.
+
+    ``as_load_config("org/name", dtype="float32")`` is ``LoadConfig("org/name", dtype="float32")``;
+    with a ``LoadConfig``, ``options`` replace its fields. An unknown option is a ``TypeError``.
+    """
+    if isinstance(model, LoadConfig):
+        return replace(model, **options) if options else model
+    return LoadConfig(model, **options)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -94,54 +154,60 @@ def resolve_local(name: str) -> Path:
     return path
 
 
-def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, Path | None]:
-    """Load a model's config only (cheap), from a local folder, a GGUF file or the Hub.
+def load_config(
+    model: LoadConfig | str | os.PathLike[str], trust_remote_code: bool | None = None
+) -> tuple[Any, Path | None]:
+    """Load a model's Hugging Face config only (cheap), from a local folder, a GGUF file or the Hub.
+
+    Args:
+        model: A :class:`LoadConfig`, or a model reference.
+        trust_remote_code: Overrides the config's value; ``None`` keeps it (off for a
+            bare reference).
 
     Returns:
-        The config and the local folder the model lives in (for a GGUF file, the folder
-        holding it), or ``None`` for a Hub id.
+        The config, and the local folder the model lives in (for a GGUF file, the folder
+        holding it; ``None`` for a Hub id).
+
+    Raises:
+        ModelLoadError: the path or id has no loadable config.
     """
     from transformers import AutoConfig
 
     from depthprune.gguf_import import is_gguf_path, load_gguf_config
 
+    options = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
+    load = as_load_config(model, **options)
+    name = load.model
     if is_gguf_path(name):
         return load_gguf_config(name), Path(name).expanduser().parent
     local = resolve_local(name) if is_local_reference(name) else None
     try:
-        config = AutoConfig.from_pretrained(str(local or name), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(local or name), trust_remote_code=load.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         first = first_line(exc)
         raise ModelLoadError(f"cannot load the config of {name!r}: {first}") from exc
     return config, local
 
 
-def load_model(
-    name: str,
-    dtype: DType = "auto",
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    load_tokenizer: bool = True,
-) -> LoadedModel:
+def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> LoadedModel:
     """Load a causal LM and its tokenizer, and match it to a family spec.
 
     The family is checked from the config before any weights are read, so an unsupported
     model fails fast.
 
     Args:
-        name: A local model folder, a ``.gguf`` file (dequantized into a plain model, see
-            :func:`depthprune.gguf_import.load_gguf`) or a Hugging Face Hub id.
-        dtype: ``auto`` keeps the checkpoint's dtype.
-        device: Where to put the model.
-        trust_remote_code: Allow code from the model repository to run. Off by default.
-        attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``).
-        load_tokenizer: Also load the tokenizer; a model without one gets ``None``.
+        model: A :class:`LoadConfig`, or a model reference: a local folder, a ``.gguf``
+            file (dequantized into a plain model, see :func:`depthprune.gguf_import.load_gguf`)
+            or a Hugging Face Hub id.
+        **options: :class:`LoadConfig` fields, so that ``load_model(name, dtype="float32")``
+            is ``load_model(LoadConfig(name, dtype="float32"))``; with a ``LoadConfig``
+            they replace its values.
 
     Returns:
         The :class:`LoadedModel`, in eval mode.
 
     Raises:
+        InputError: a bad option value.
         ModelLoadError: the path or id cannot be loaded.
         UnsupportedArchitectureError: no family file matches.
     """
@@ -149,27 +215,28 @@ def load_model(
 
     from depthprune.gguf_import import is_gguf_path, load_gguf
 
+    load = as_load_config(model, **options)
+    name = load.model
     if is_gguf_path(name):
-        return load_gguf(name, dtype, device, attn_implementation, load_tokenizer)
-    config, local = load_config(name, trust_remote_code)
+        return load_gguf(name, load.dtype, load.device, load.attn_implementation, load.load_tokenizer)
+    config, local = load_config(load)
     spec = spec_for_config(config)
     if local is not None and not any((local / f).is_file() for f in _WEIGHT_FILES):
         raise ModelLoadError(f"{name!r} has a config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
-    check_choice(dtype, DTYPES, "dtype")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs: dict[str, Any] = {"dtype": DTYPES[load.dtype], "trust_remote_code": load.trust_remote_code}
+    if load.attn_implementation:
+        kwargs["attn_implementation"] = load.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local or name), config=config, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(local or name), config=config, **kwargs)
     except DepthPruneError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         first = first_line(exc)
         raise ModelLoadError(f"cannot load the weights of {name!r}: {first}") from exc
-    model.to(device).eval()
-    check_model(model, spec)
-    tokenizer = load_tokenizer_for(name, local, trust_remote_code) if load_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)
+    hf_model.to(load.device).eval()
+    check_model(hf_model, spec)
+    tokenizer = load_tokenizer_for(name, local, load.trust_remote_code) if load.load_tokenizer else None
+    return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)
 
 
 def load_tokenizer_for(name: str, local: Path | None, trust_remote_code: bool = False) -> Any | None:

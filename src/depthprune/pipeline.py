@@ -29,6 +29,9 @@ import torch
 from torch import nn
 
 from depthprune._fs import write_json_atomic
+from depthprune.api import PruneConfig, prune_model
+from depthprune.architectures import num_layers
+from depthprune.loading import LoadConfig, load_model
 from depthprune.recipe import Recipe, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -70,21 +73,48 @@ def tokens_per_second(models: dict[str, nn.Module], tokenizer: Any, new_tokens: 
 
 @dataclass
 class RunContext:
-    """The state shared by the stages of one run."""
+    """The state shared by the stages of one run.
+
+    Build it with :meth:`of`, which turns the recipe into the configs of the stages once.
+    """
 
     recipe: Recipe
     out: Path
+    load: LoadConfig
+    prune: PruneConfig
     show_progress: bool = True
     _loaded: Any = None
     _data: Any = None
 
+    @classmethod
+    def of(cls, recipe: Recipe, out: Path, show_progress: bool = True) -> RunContext:
+        """The context of a run of ``recipe`` into ``out``; nothing is read or written.
+
+        Raises:
+            InputError: a loading or pruning setting of the recipe is invalid.
+        """
+        d = recipe.data
+        load = LoadConfig(
+            recipe.model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code  # type: ignore[arg-type]
+        )
+        prune = PruneConfig(
+            out=out / "model",
+            plan=out / "plan.json",
+            recover=recipe.recover,
+            data=d.source if recipe.recover != "none" else None,
+            n_samples=d.samples,
+            seq_len=d.seq_len,
+            seed=d.seed,
+            text_field=d.text_field,
+            force=True,
+            show_progress=show_progress,
+        )
+        return cls(recipe, out, load, prune, show_progress)
+
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
-            from depthprune.loading import load_model
-
-            r = self.recipe
-            self._loaded = load_model(r.model, dtype=r.dtype, device=r.device, trust_remote_code=r.trust_remote_code)  # type: ignore[arg-type]
+            self._loaded = load_model(self.load)
         return self._loaded
 
     @property
@@ -113,7 +143,8 @@ def _stage_score(ctx: RunContext) -> None:
 
 
 def _stage_plan(ctx: RunContext) -> None:
-    from depthprune.plan import PlanConfig, load_scores, make_plan, write_plan
+    from depthprune.plan import PlanConfig, make_plan, write_plan
+    from depthprune.scores_file import load_scores
 
     p = ctx.recipe.plan
     config = PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last, replace=ctx.recipe.recover)  # type: ignore[arg-type]
@@ -121,25 +152,7 @@ def _stage_plan(ctx: RunContext) -> None:
 
 
 def _stage_prune(ctx: RunContext) -> None:
-    from depthprune.api import prune_model
-
-    r = ctx.recipe
-    prune_model(
-        r.model,
-        plan=ctx.out / "plan.json",
-        out=ctx.out / "model",
-        recover=r.recover,
-        data=r.data.source if r.recover != "none" else None,
-        n_samples=r.data.samples,
-        seq_len=r.data.seq_len,
-        seed=r.data.seed,
-        text_field=r.data.text_field,
-        force=True,
-        dtype=r.dtype,  # type: ignore[arg-type]
-        device=r.device,
-        trust_remote_code=r.trust_remote_code,
-        show_progress=ctx.show_progress,
-    )
+    prune_model(ctx.load, ctx.prune)
 
 
 def _load_pruned(ctx: RunContext) -> nn.Module:
@@ -158,7 +171,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
         doc[name] = {
             "tasks": evaluate(m, tok, ctx.recipe.tasks, show_progress=ctx.show_progress)["tasks"] if ctx.recipe.tasks else {},
             "params": sum(p.numel() for p in m.parameters()),
-            "layers": int(getattr(m.config, "num_hidden_layers", 0) or getattr(m.config, "n_layer", 0)),
+            "layers": num_layers(m.config),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
         }
     speed = tokens_per_second({"original": original, "pruned": pruned}, tok)
@@ -169,7 +182,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
 
 def _stage_sweep(ctx: RunContext) -> None:
     from depthprune.evaluate import evaluate, task_score
-    from depthprune.plan import load_scores
+    from depthprune.scores_file import load_scores
     from depthprune.sweep import SweepConfig, plot_sweep, sweep
 
     s = ctx.recipe.sweep
@@ -267,10 +280,10 @@ def _valid(path: Path) -> bool:
     return True
 
 
-def preflight(recipe: Recipe) -> None:
+def preflight(ctx: RunContext) -> None:
     """Check everything that can be checked before any work, so bad input writes nothing:
     the model's config and family, the local data path, the task specs and every stage's
-    settings.
+    settings (loading and pruning ones were checked when ``ctx`` was built).
 
     Raises:
         DepthPruneError: the first problem found.
@@ -280,18 +293,18 @@ def preflight(recipe: Recipe) -> None:
     from depthprune.errors import InputError
     from depthprune.evaluate import parse_task
     from depthprune.loading import load_config
-    from depthprune.plan import PlanConfig, check_replace
+    from depthprune.plan import PlanConfig
     from depthprune.score import ScoreConfig
     from depthprune.sweep import SweepConfig
 
-    config, _ = load_config(recipe.model, recipe.trust_remote_code)
+    recipe = ctx.recipe
+    config, _ = load_config(ctx.load)
     spec_for_config(config)
     source = recipe.data.source
     if not Path(source).expanduser().exists() and not _DATASET_ID.match(source):
         raise InputError(f"data path {source!r} does not exist")
     for task in recipe.tasks:
         parse_task(task)
-    check_replace(recipe.recover)
     ScoreConfig(metrics=tuple(recipe.score.metrics), units=tuple(recipe.score.units), batch_size=recipe.score.batch_size)
     p = recipe.plan
     PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last)  # type: ignore[arg-type]
@@ -332,12 +345,12 @@ def run_recipe(
     folder = Path(out)
     if not folder.absolute().parent.is_dir():
         raise InputError(f"cannot write {str(folder)!r}: its parent folder does not exist")
-    preflight(recipe)
+    ctx = RunContext.of(recipe, folder, show_progress)
+    preflight(ctx)
     folder.mkdir(exist_ok=True)
     write_json_atomic(folder / "recipe.json", asdict(recipe))
     stages_path = folder / "stages.json"
     done: dict[str, str] = json.loads(stages_path.read_text()) if _valid(stages_path) else {}
-    ctx = RunContext(recipe, folder, show_progress)
     for stage in STAGES:
         if stage == "report" and not recipe.report:
             continue

@@ -17,8 +17,6 @@ removes the lowest-scoring candidates.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -28,15 +26,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthprune import __version__
-from depthprune._fs import write_json_atomic
+from depthprune._fs import read_json, write_json_atomic
 from depthprune.errors import InputError, check_choice
+from depthprune.scores_file import (
+    metric_span,
+    parse_unit,
+    scores_digest,
+    validate_scores,
+)
 from depthprune.units import UNIT_KINDS, Unit
 
 logger = logging.getLogger(__name__)
 
 REPLACE_HELP = "none, bias or lowrank:R with R a positive integer"
 _REPLACE_RE = re.compile(r"^(none|bias|lowrank:[1-9][0-9]*)$")
-_SCORES_KEYS = ("model", "n_layers", "scores")
 
 
 def check_replace(value: Any, where: str = "replace") -> str:
@@ -120,97 +123,6 @@ def parse_budget(text: str) -> int | float:
     return value
 
 
-# --------------------------------------------------------------------------- scores
-
-
-def _read_json(path: str | os.PathLike[str], what: str, hint: str) -> Any:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} {str(p)!r} does not exist; {hint}")
-    if not p.is_file():
-        raise InputError(f"{what} {str(p)!r} is not a file; {hint}")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{what} {str(p)!r} is not UTF-8 text; expected a JSON file") from None
-
-
-def _parse_unit(name: str, n_layers: int, where: str) -> Unit:
-    """``Unit.parse``, with the file or document that holds the name in the message."""
-    try:
-        return Unit.parse(name, n_layers)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-
-
-def validate_scores(doc: Any, where: str = "scores") -> dict[str, Any]:
-    """Check the shape of a scores document and return it.
-
-    Required: ``model``, ``n_layers`` (an int >= 1) and ``scores`` (metric -> unit ->
-    number, with valid unit names). ``stderr``, ``definitions`` and ``calibration`` are
-    optional; when present they must be objects.
-
-    Raises:
-        InputError: a key is missing or has the wrong type, or a unit name is invalid.
-    """
-    if not isinstance(doc, dict):
-        raise InputError(f"{where} holds a JSON {type(doc).__name__}; expected an object with keys {', '.join(_SCORES_KEYS)}")
-    missing = [k for k in _SCORES_KEYS if k not in doc]
-    if missing:
-        raise InputError(
-            f"{where} has no {', '.join(repr(k) for k in missing)} key; expected the output of depthprune score "
-            f"(keys {', '.join(_SCORES_KEYS)})"
-        )
-    n_layers = doc["n_layers"]
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise InputError(f"{where}: n_layers is {n_layers!r}; expected an integer >= 1")
-    for key in ("scores", "stderr", "definitions"):
-        table = doc.get(key, {})
-        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-            raise InputError(f"{where}: {key!r} must map each metric to an object")
-    if "calibration" in doc and not isinstance(doc["calibration"], (dict, type(None))):
-        raise InputError(f"{where}: 'calibration' must be an object")
-    for metric, values in doc["scores"].items():
-        for name, value in values.items():
-            _parse_unit(name, n_layers, where)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{where}: score of {metric} for {name} is {value!r}; expected a number")
-    return doc
-
-
-def load_scores(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a ``scores.json`` written by ``depthprune score``.
-
-    Raises:
-        InputError: the file is missing, not JSON, or lacks required keys.
-    """
-    doc = _read_json(path, "scores file", "run depthprune score first, or give the path of its scores.json")
-    return validate_scores(doc, where=f"scores file {str(path)!r}")
-
-
-def scores_digest(scores: dict[str, Any]) -> str:
-    """SHA-256 of ``scores`` as canonical JSON (sorted keys, no spaces).
-
-    Floats survive a JSON round trip exactly, so a document and the file it was read
-    from have the same digest whatever the file's indentation.
-    """
-    text = json.dumps(scores, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def metric_span(scores: dict[str, Any], metric: str) -> int | None:
-    """The span length of a span metric (its definition has ``"span"``), else ``None``."""
-    definition = scores.get("definitions", {}).get(metric) or {}
-    span = definition.get("span") if isinstance(definition, dict) else None
-    if span is None:
-        return None
-    if isinstance(span, bool) or not isinstance(span, int) or span < 1:
-        raise InputError(f"definition of metric {metric!r} has span {span!r}; expected an integer >= 1")
-    return span
-
-
 def _metric_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
     table = scores["scores"]
     check_choice(metric, table, "metric")
@@ -247,7 +159,7 @@ def make_plan(scores: dict[str, Any], config: PlanConfig) -> dict[str, Any]:
     ``l..l+n-1``; the plan removes the one allowed span with the lowest score.
 
     Args:
-        scores: A scores document (see :func:`load_scores`).
+        scores: A scores document (see :func:`depthprune.scores_file.load_scores`).
         config: Metric, unit kind, budget and constraints.
 
     Returns:
@@ -371,7 +283,7 @@ def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         InputError: the file is missing, not JSON, or not shaped like a plan.
     """
-    doc = _read_json(path, "plan file", "run depthprune plan first, or write one by hand")
+    doc = read_json(path, "plan file", "run depthprune plan first, or write one by hand")
     where = f"plan file {str(path)!r}"
     if not isinstance(doc, dict) or "remove" not in doc:
         raise InputError(f"{where} has no 'remove' key; expected {{\"remove\": [{{\"unit\": \"block.3\"}}, ...]}}")
@@ -408,7 +320,7 @@ def plan_units(plan: dict[str, Any], n_layers: int, where: str = "plan") -> list
             entry = {"unit": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("unit"), str):
             raise InputError(f"{where}: remove[{i}] is {entry!r}; expected an object with a \"unit\" such as \"block.3\"")
-        unit = _parse_unit(entry["unit"], n_layers, where)
+        unit = parse_unit(entry["unit"], n_layers, where)
         replace = entry.get("replace", "none")
         if not isinstance(replace, str) or not _REPLACE_RE.match(replace):
             raise InputError(f"{where}: unknown replace {replace!r} for {unit}; expected {REPLACE_HELP}")
@@ -469,13 +381,9 @@ __all__ = [
     "check_replace",
     "format_plan",
     "load_plan",
-    "load_scores",
     "make_plan",
-    "metric_span",
     "parse_budget",
     "plan_units",
     "read_plan",
-    "scores_digest",
-    "validate_scores",
     "write_plan",
 ]

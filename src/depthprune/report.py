@@ -1,6 +1,6 @@
 """Terminal tables and figures of unit scores.
 
-Both take a scores document as :func:`depthprune.plan.load_scores` returns it. Scores
+Both take a scores document as :func:`depthprune.scores_file.load_scores` returns it. Scores
 follow one convention: a higher score means a more important unit.
 """
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from depthprune._fs import check_output
 from depthprune.errors import InputError, check_choice
-from depthprune.plan import metric_span, validate_scores
+from depthprune.scores_file import metric_span, validate_scores
 from depthprune.units import UNIT_KINDS, Unit
 
 logger = logging.getLogger(__name__)

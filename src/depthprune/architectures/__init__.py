@@ -59,11 +59,16 @@ class ArchSpec:
         attn: The attention path.
         mlp: The feed-forward path.
         num_layers_key: Config key that holds the number of decoder layers.
+        max_positions_key: Config key that holds the longest context the model takes
+            (``max_position_embeddings``, GPT-2's ``n_positions``); ``None`` when the
+            family's config does not say.
         per_layer_keys: Config keys holding one entry per layer, sliced on removal.
         parallel_residual: ``True``/``False``, or ``(config_key, default)`` when the
             config decides.
         unsupported_config: Config values under which removal would change the math of
             the remaining layers.
+        nemotron_nas: Whether a sublayer-pruned model of this family can be written as a
+            DeciLM / "nemotron-nas" config (a Llama layer with per-layer no-op sections).
         source: The file the spec was read from.
     """
 
@@ -74,10 +79,21 @@ class ArchSpec:
     attn: PathSpec
     mlp: PathSpec
     num_layers_key: str
+    max_positions_key: str | None = None
     per_layer_keys: tuple[str, ...] = ()
     parallel_residual: bool | tuple[str, bool] = False
     unsupported_config: dict[str, Any] = field(default_factory=dict)
+    nemotron_nas: bool = False
     source: str = ""
+
+    def num_layers(self, config: Any) -> int:
+        """The number of decoder layers that ``config`` declares."""
+        return int(getattr(config, self.num_layers_key))
+
+    def max_positions(self, config: Any) -> int | None:
+        """The longest context ``config`` allows, or ``None`` if it does not say."""
+        value = getattr(config, self.max_positions_key, None) if self.max_positions_key else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def is_parallel(self, config: Any) -> bool:
         """Whether attention and MLP both read the block input (parallel residual)."""
@@ -96,7 +112,8 @@ class ArchSpec:
 
 
 _REQUIRED = ("family", "architectures", "model_types", "layers", "attn", "mlp", "config")
-_KNOWN = (*_REQUIRED, "parallel_residual", "unsupported_config", "notes")
+_KNOWN = (*_REQUIRED, "parallel_residual", "unsupported_config", "nemotron_nas", "notes")
+_CONFIG_KEYS = ("num_layers", "max_positions", "per_layer")
 
 
 def _parse_path(data: dict[str, Any], where: str) -> PathSpec:
@@ -127,8 +144,16 @@ def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ArchSpec:
     if isinstance(parallel, dict):
         parallel = (parallel["config_key"], bool(parallel.get("default", False)))
     cfg = data["config"]
-    if "num_layers" not in cfg:
+    if not isinstance(cfg, dict) or "num_layers" not in cfg:
         raise UnsupportedArchitectureError(f"architecture file {source}: config.num_layers is required")
+    unknown = [k for k in cfg if k not in _CONFIG_KEYS]
+    if unknown:
+        raise UnsupportedArchitectureError(
+            f"architecture file {source}: unknown config keys {unknown}; expected keys {list(_CONFIG_KEYS)}"
+        )
+    nemotron_nas = data.get("nemotron_nas", False)
+    if not isinstance(nemotron_nas, bool):
+        raise UnsupportedArchitectureError(f"architecture file {source}: nemotron_nas is {nemotron_nas!r}; expected true or false")
     attn = _parse_path(data["attn"], f"{source}: attn")
     if attn.cache_arg is None:
         raise UnsupportedArchitectureError(f"architecture file {source}: attn.cache_arg is required")
@@ -140,9 +165,11 @@ def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ArchSpec:
         attn=attn,
         mlp=_parse_path(data["mlp"], f"{source}: mlp"),
         num_layers_key=cfg["num_layers"],
+        max_positions_key=cfg.get("max_positions"),
         per_layer_keys=tuple(cfg.get("per_layer", ())),
         parallel_residual=parallel,
         unsupported_config=dict(data.get("unsupported_config", {})),
+        nemotron_nas=nemotron_nas,
         source=source,
     )
 
@@ -172,15 +199,11 @@ def supported_families() -> list[str]:
     return sorted(s.family for s in all_specs())
 
 
-def spec_for_config(config: Any) -> ArchSpec:
-    """Find the family of a Hugging Face config.
+def match_spec(config: Any) -> ArchSpec | None:
+    """The family of a Hugging Face config, or ``None`` when no file matches.
 
     A depthprune export is matched on the family it records; any other config on
     ``config.architectures[0]`` first, then ``config.model_type``.
-
-    Raises:
-        UnsupportedArchitectureError: nothing matches; the message names the supported
-            families and says how to add one.
     """
     specs = all_specs()
     info = getattr(config, "depthprune", None)
@@ -197,12 +220,36 @@ def spec_for_config(config: Any) -> ArchSpec:
     for spec in specs:
         if model_type in spec.model_types:
             return spec
+    return None
+
+
+def spec_for_config(config: Any) -> ArchSpec:
+    """Find the family of a Hugging Face config (see :func:`match_spec`).
+
+    Raises:
+        UnsupportedArchitectureError: nothing matches; the message names the supported
+            families and says how to add one.
+    """
+    spec = match_spec(config)
+    if spec is not None:
+        return spec
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
     shown = archs[0] if archs else "<none>"
     raise UnsupportedArchitectureError(
         f"unsupported architecture {shown!r} (model_type {model_type!r}); supported families: "
         f"{', '.join(supported_families())}. To add one, write a JSON file like "
         f"{_BUILTIN_DIR / 'llama.json'} and put its folder in ${_ENV_PATH} (see docs/architectures.md)"
     )
+
+
+def num_layers(config: Any) -> int:
+    """The number of decoder layers a config declares, read through its family's key.
+
+    Raises:
+        UnsupportedArchitectureError: the config matches no family.
+    """
+    return spec_for_config(config).num_layers(config)
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:

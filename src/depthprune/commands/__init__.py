@@ -10,16 +10,36 @@ on stderr and exit code 2. Global flags every handler can read: ``args.quiet``.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from depthprune.loading import LoadConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The positional model and the loading flags shared by every command that loads one."""
+    """The positional model and the loading flags shared by every command that loads one.
+
+    :func:`load_config_from` turns them into a :class:`~depthprune.loading.LoadConfig`.
+    """
     p.add_argument("model", help="a local model folder, a .gguf file or a Hugging Face Hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    # The choices are depthprune.loading.DTYPES, spelled out so that --help needs no torch import.
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype; auto keeps the checkpoint's (default: auto)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from the model repository to run (off by default)"
     )
+
+
+def load_config_from(args: argparse.Namespace) -> LoadConfig:
+    """The :class:`~depthprune.loading.LoadConfig` of the flags added by :func:`add_model_args`."""
+    from depthprune.loading import LoadConfig
+
+    return LoadConfig(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def add_output_args(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:

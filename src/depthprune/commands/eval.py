@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from depthprune.commands import add_model_args, load_config_from
+
 SPEC_HELP = (
     "a task spec KIND:TARGET[,key=value...]; repeat for several. "
     "ppl:FILE[,seq_len=T][,stride=S][,bos=auto|none|stream|window][,documents=join|separate]; "
@@ -21,18 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a model: perplexity, MMLU (paper's 5-shot protocol), any lm-eval task",
         description="Evaluate a saved model on task specs and print a table; --json writes every number and its protocol.",
     )
-    p.add_argument("model", help="a local model folder, a .gguf file or a Hugging Face Hub id")
+    add_model_args(p)
     p.add_argument("--task", "-t", action="append", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--json", metavar="OUT", help="write the results, with each task's protocol, to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--batch-size", type=int, metavar="B", help="batch size of every task whose spec does not set one")
     p.add_argument("--mask", metavar="UNITS", help="evaluate with these units masked, e.g. block.3,attn.5")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="allow code from the model repository to run (off by default)"
-    )
-    p.add_argument("--quiet", action="store_true", help="hide progress bars")
+    # No --quiet here: a subcommand default would overwrite the global -q/--quiet, which
+    # may also be written after the subcommand (see depthprune.cli.GLOBAL_FLAGS).
     p.set_defaults(func=run)
 
 
@@ -46,6 +44,7 @@ def run(args: argparse.Namespace) -> None:
     from depthprune.loading import load_model
     from depthprune.units import mask_units, parse_units
 
+    load = load_config_from(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     defaults: dict[str, Any] = {"show_progress": not args.quiet}
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     specs = [parse_task(t, defaults) for t in args.task]  # fail on a typo before loading anything
     if args.json:
         check_output(args.json, args.force)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load)
     if loaded.tokenizer is None:
         raise InputError(f"{args.model!r} has no tokenizer; every evaluation task needs one")
     masked = parse_units(args.mask, loaded.n_layers) if args.mask else []
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     with guard:
         result = evaluate(loaded.model, loaded.tokenizer, specs, show_progress=not args.quiet, model_name=args.model)
     result["masked"] = [str(u) for u in masked]
-    result["dtype"] = args.dtype
+    result["dtype"] = load.dtype
     print_table(result)
     if args.json:
         write_json_atomic(args.json, result, force=args.force)

@@ -33,7 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run_plan(args: argparse.Namespace) -> None:
     from depthprune._fs import check_output
     from depthprune.errors import InputError
-    from depthprune.plan import PlanConfig, format_plan, load_scores, make_plan, parse_budget, write_plan
+    from depthprune.plan import (
+        PlanConfig,
+        format_plan,
+        make_plan,
+        parse_budget,
+        write_plan,
+    )
+    from depthprune.scores_file import load_scores
 
     if not args.dry_run:
         if not args.output:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.commands import add_model_args
+from depthprune.commands import add_model_args, add_output_args, load_config_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,20 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when fitting (default: 8)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"relative ridge of low-rank fits (default: {DEFAULT_RIDGE})")
     p.add_argument("--format", default="hf", choices=["hf", "nemotron-nas"], help="export format (default: hf)")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    add_output_args(p, "output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
     p.set_defaults(func=_run_prune)
 
 
 def _run_prune(args: argparse.Namespace) -> None:
-    from depthprune.api import prune_model
+    from depthprune.api import PruneConfig, prune_model
 
-    result = prune_model(
-        args.model,
+    prune = PruneConfig(
+        out=args.output,
         remove=args.remove,
         plan=args.plan,
-        out=args.output,
         recover=args.recover,
         data=args.data,
         n_samples=args.samples,
@@ -58,12 +56,10 @@ def _run_prune(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         export_format=args.format,
         force=args.force,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
         dry_run=args.dry_run,
         show_progress=not args.quiet,
     )
+    result = prune_model(load_config_from(args), prune)
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{verb} {', '.join(map(str, result.removed))}: {result.n_layers_before} -> {result.n_layers_after} layers, "

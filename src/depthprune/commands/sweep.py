@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
 
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
     from depthprune.loading import load_model
-    from depthprune.plan import load_scores
+    from depthprune.scores_file import load_scores
     from depthprune.sweep import SweepConfig, plot_sweep, sweep
 
     tasks = [t for group in args.tasks for t in split_task_list(group, list(TASKS))]
