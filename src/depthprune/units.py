@@ -26,6 +26,7 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec, get_submodule, spec_for_config
 from depthprune.errors import InputError, check_choice
+from depthprune.stream import ResidualStream, hidden_arg
 
 UnitKind = Literal["block", "attn", "mlp"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("block", "attn", "mlp")
@@ -108,7 +109,7 @@ class NoOpAttention(nn.Module):
         self.cache_arg = cache_arg
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+        hidden = hidden_arg(args, kwargs)  # (B, T, D)
         cache = kwargs.get(self.cache_arg)
         if cache is not None:
             # A (B, 1, T, 1) placeholder: the cache advances by T tokens for this layer at
@@ -148,8 +149,13 @@ class ModelLayout:
         return len(self.layers)
 
     @property
+    def stream(self) -> ResidualStream:
+        """Where each path of this model's layers reads and writes the residual stream."""
+        return ResidualStream.of(self.spec, self.model.config)
+
+    @property
     def parallel(self) -> bool:
-        return self.spec.is_parallel(self.model.config)
+        return self.stream.parallel
 
     def sublayer_module(self, unit: Unit) -> nn.Module:
         """The module that computes a sublayer unit's update (before any post-norms)."""

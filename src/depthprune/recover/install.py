@@ -39,6 +39,7 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec, get_submodule
 from depthprune.errors import InputError
+from depthprune.stream import hidden_arg
 from depthprune.units import ModelLayout, Unit
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class _StreamBox:
 
 
 def _stash_layer_input(box: _StreamBox, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-    box.value = args[0] if args else kwargs["hidden_states"]
+    box.value = hidden_arg(args, kwargs)
 
 
 def _stash_first_arg(box: _StreamBox, _module: nn.Module, args: tuple) -> None:
@@ -111,7 +112,7 @@ class AttnSlot(nn.Module):
         self._box = _StreamBox()
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), possibly pre-normed
+        hidden = hidden_arg(args, kwargs)  # (B, T, D), possibly pre-normed
         cache = kwargs.get(self.cache_arg)
         if cache is not None:
             if self.placeholder_cache:
