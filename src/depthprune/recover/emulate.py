@@ -449,16 +449,6 @@ def fit_emulators(
 # --------------------------------------------------------------------------- installing
 
 
-def emulate_(
-    model: nn.Module, replacements: Mapping[Unit, nn.Module | None], spec: ArchSpec | None = None
-) -> Installed:
-    """Remove units in place, emulating those with an emulator; returns the undo handle.
-
-    See :mod:`depthprune.recover.install` for how the emulator is fed the raw stream.
-    """
-    return install_(model, replacements, spec)
-
-
 @contextlib.contextmanager
 def emulate(
     model: nn.Module, replacements: Mapping[Unit, nn.Module | None], spec: ArchSpec | None = None
