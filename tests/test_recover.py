@@ -289,6 +289,35 @@ def test_stories_emulation_beats_plain_removal_of_block0(stories: tuple, capsys:
     assert increase["lowrank:16"] < increase["bias"]
 
 
+# Plain removal of block.0 costs +1.94 nats of held-out loss. With this budget (20 steps at
+# lr 3e-3) the learned baselines cut that, over seeds 0-2, by 0.94 (bias), 1.25-1.27
+# (lowrank:8) and 1.47-1.71 (LoRA r=8): the margin of 0.5 nats leaves room for numerics on
+# other platforms, while a recovery that barely trains (bias, 10 steps at lr 1e-3: 0.27)
+# stays below it.
+LEARNED_MARGIN = 0.5
+
+
+@pytest.mark.parametrize("method", ["bias", "lowrank", "lora"])
+def test_stories_learned_recovery_beats_plain_removal_of_block0(stories: tuple, method: str) -> None:
+    model, fit, held = stories
+    unit = Unit("block", 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with emulate(model, {unit: None}):
+        removed = heldout_loss(model, held)
+    config = LearnConfig(method=method, rank=8, steps=20, lr=3e-3, seed=0, show_progress=False)
+    if method == "lora":
+        with lora_recovery(model, [unit], fit, config) as res:
+            recovered = heldout_loss(model, held)
+    else:
+        res = train_emulators(model, [unit], fit, config)
+        with emulate(model, res.emulators):
+            recovered = heldout_loss(model, held)
+    assert res.steps == 20 and res.losses[-1] < res.losses[0]
+    assert removed - recovered > LEARNED_MARGIN, (method, removed, recovered)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_compare_writes_table_json_and_plot(stories: tuple, tmp_path: Path) -> None:
     model, fit, held = stories
     config = CompareConfig(methods=("none", "bias", "lowrank:8"), learned=("bias",), counts=(0, 1, 2), steps=3, show_progress=False)

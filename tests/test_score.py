@@ -14,6 +14,7 @@ from depthprune.data import TokenBatches, load_calibration, pack
 from depthprune.errors import InputError
 from depthprune.score import ScoreConfig, score
 from depthprune.score.static import NonFiniteError
+from depthprune.stream import hidden_arg
 from depthprune.units import ModelLayout, Unit, all_units, mask_units
 
 STATIC = ("cosine", "angular", "rel_l1", "rel_l2")
@@ -32,7 +33,7 @@ def _layer_io(model: torch.nn.Module, ids: torch.Tensor, layer: int, masked: lis
     seen: dict[str, torch.Tensor] = {}
 
     def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["in"] = args[0] if args else kwargs["hidden_states"]
+        seen["in"] = hidden_arg(args, kwargs)
 
     def post(_m: torch.nn.Module, _a: tuple, out: object) -> None:
         seen["out"] = out[0] if isinstance(out, tuple) else out  # type: ignore[index]

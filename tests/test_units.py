@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import N_LAYERS, tiny_model
+from torch import nn
 from transformers import DynamicCache
 
 from depthprune.architectures import get_submodule
 from depthprune.errors import InputError
-from depthprune.units import ModelLayout, Unit, all_units, mask_units, parse_units
+from depthprune.units import ModelLayout, Unit, all_units, mask_units, parse_units, swap_units_
 
 
 def test_parse_units_sorted_unique_and_validated() -> None:
@@ -116,3 +119,18 @@ def test_mask_rejects_out_of_range(family: str) -> None:
     model = tiny_model(family)
     with pytest.raises(InputError, match="out of range"), mask_units(model, [Unit("mlp", N_LAYERS)]):
         pass
+
+
+@torch.no_grad()
+def test_deepcopy_of_a_model_with_emulators_feeds_its_own_slots(family: str) -> None:
+    model = tiny_model(family)
+    ids = _ids()
+    torch.manual_seed(1)
+    stand_ins = {Unit("mlp", 1): nn.Linear(32, 32), Unit("block", 2): nn.Linear(32, 32), Unit("attn", 3): None}
+    handle = swap_units_(ModelLayout.of(model), stand_ins, placeholder_cache=False)
+    expected = model(ids).logits
+    twin = copy.deepcopy(model)
+    handle.remove()
+    # The copy's hooks must hand the stream to the copy's slots, not to the original's.
+    assert torch.equal(twin(ids).logits, expected)
+    assert not torch.equal(model(ids).logits, expected)

@@ -27,6 +27,7 @@ pass stops after the last layer that holds a unit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -37,11 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthprune.architectures import ArchSpec, get_submodule
+from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.recover.install import Installed, install_
+from depthprune.stream import LayerStreams
 from depthprune.units import ModelLayout, Unit
 
 logger = logging.getLogger(__name__)
@@ -299,17 +301,16 @@ class _StopForward(Exception):
     """Raised by a hook after the last layer that holds a unit, to skip the rest of the model."""
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @dataclass
 class UpdateCollector:
     """Hooks that feed :class:`UpdateStats` of many units from forward passes.
 
+    Each unit's input and update are those of :meth:`depthprune.stream.LayerStreams.passage`.
+
     Args:
         layout: The model and its family spec.
         wanted: Unit -> whether its ``D x D`` second moments are needed.
+        stop_early: Stop the forward pass after the last layer that holds a unit.
     """
 
     layout: ModelLayout
@@ -317,8 +318,6 @@ class UpdateCollector:
     stats: dict[Unit, UpdateStats] = field(default_factory=dict)
     stop_early: bool = True
     _select: Any = None
-    _h_in: dict[int, torch.Tensor] = field(default_factory=dict)
-    _h_mid: dict[int, torch.Tensor] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -326,63 +325,25 @@ class UpdateCollector:
         self.stats = {u: UpdateStats(dim, second) for u, second in self.wanted.items()}
         self.last_layer = max((u.index for u in self.wanted), default=-1)
 
-    def _last(self, layer: nn.Module, kind: str) -> nn.Module:
-        path = self.layout.spec.path(kind)
-        return get_submodule(layer, path.post_norms[-1] if path.post_norms else path.module)
-
     def attach(self) -> None:
-        spec, parallel = self.layout.spec, self.layout.parallel
+        stream = self.layout.stream
         for i in sorted({u.index for u in self.wanted}):
-            layer = self.layout.layers[i]
-            units = {u.kind: u for u in self.wanted if u.index == i}
+            units = [u for u in self.wanted if u.index == i]
+            kinds = [u.kind for u in units if u.kind != "block"]
+            done = functools.partial(self._layer_done, i, units)
+            self._handles.extend(stream.record(self.layout.layers[i], kinds, done))
 
-            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
-                self._h_in[i] = args[0] if args else kwargs["hidden_states"]
-
-            self._handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-            if "attn" in units:
-
-                def on_attn(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit = units["attn"]) -> None:
-                    self._add(u, self._h_in[i], _hidden(out))
-
-                self._handles.append(self._last(layer, "attn").register_forward_hook(on_attn))
-            if "mlp" in units:
-                if not parallel and spec.mlp.pre_norms:
-
-                    def on_mid(_m: nn.Module, args: tuple, i: int = i) -> None:
-                        self._h_mid[i] = args[0]
-
-                    tap = get_submodule(layer, spec.mlp.pre_norms[0])
-                    self._handles.append(tap.register_forward_pre_hook(on_mid))
-                elif not parallel:
-
-                    def on_mid_own(_m: nn.Module, args: tuple, i: int = i) -> None:
-                        self._h_mid[i] = args[0]
-
-                    self._handles.append(get_submodule(layer, spec.mlp.module).register_forward_pre_hook(on_mid_own))
-
-                def on_mlp(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit = units["mlp"]) -> None:
-                    self._add(u, self._h_in[i] if parallel else self._h_mid[i], _hidden(out))
-
-                self._handles.append(self._last(layer, "mlp").register_forward_hook(on_mlp))
-
-            def post(_m: nn.Module, _a: tuple, out: Any, i: int = i, u: Unit | None = units.get("block")) -> None:
-                if u is not None:
-                    h_out = _hidden(out)
-                    self._add(u, self._h_in[i], h_out - self._h_in[i])
-                self._h_in.pop(i, None)
-                self._h_mid.pop(i, None)
-                if self.stop_early and i == self.last_layer:
-                    raise _StopForward
-
-            self._handles.append(layer.register_forward_hook(post))
+    def _layer_done(self, i: int, units: list[Unit], streams: LayerStreams) -> None:
+        for unit in units:
+            passage = streams.passage(unit.kind, self._select)  # (M, D) tensors
+            self._add(unit, passage.entering, passage.update)
+        if self.stop_early and i == self.last_layer:
+            raise _StopForward
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._h_in.clear()
-        self._h_mid.clear()
 
     def set_tokens(self, attention_mask: torch.Tensor) -> None:
         mask = attention_mask.bool()
@@ -392,13 +353,12 @@ class UpdateCollector:
             self._select = lambda x: x[mask]
 
     def _add(self, unit: Unit, h: torch.Tensor, dh: torch.Tensor) -> None:
-        h2, d2 = self._select(h), self._select(dh)  # (M, D)
-        if not bool(torch.isfinite(d2).all()):
+        if not bool(torch.isfinite(dh).all()):
             raise InputError(
                 f"non-finite activations at {unit}: the model's weights or dtype are broken; "
                 "check the checkpoint, or try --dtype float32"
             )
-        self.stats[unit].add(h2, d2)
+        self.stats[unit].add(h, dh)
 
 
 @torch.no_grad()
@@ -487,16 +447,6 @@ def fit_emulators(
 
 
 # --------------------------------------------------------------------------- installing
-
-
-def emulate_(
-    model: nn.Module, replacements: Mapping[Unit, nn.Module | None], spec: ArchSpec | None = None
-) -> Installed:
-    """Remove units in place, emulating those with an emulator; returns the undo handle.
-
-    See :mod:`depthprune.recover.install` for how the emulator is fed the raw stream.
-    """
-    return install_(model, replacements, spec)
 
 
 @contextlib.contextmanager

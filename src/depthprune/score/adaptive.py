@@ -22,6 +22,7 @@ from torch import nn
 from depthprune.data import TokenBatches
 from depthprune.progress import counter
 from depthprune.score.static import NonFiniteError, RunningStats
+from depthprune.stream import hidden_arg, on_layer_input, with_hidden_arg
 from depthprune.units import ModelLayout, Unit, mask_units
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class _PassThrough(nn.Module):
         self.returns_tuple = returns_tuple
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_arg(args, kwargs)
         return (hidden,) if self.returns_tuple else hidden
 
 
@@ -59,14 +60,11 @@ class PrefixRunner:
         inputs: list[torch.Tensor] = []
         handles = []
 
-        def keep(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs.append(args[0] if args else kwargs["hidden_states"])
-
         def kind(_m: nn.Module, _a: tuple, out: Any) -> None:
             self._returns_tuple = isinstance(out, tuple)
 
         for layer in self.layout.layers:
-            handles.append(layer.register_forward_pre_hook(keep, with_kwargs=True))
+            handles.append(on_layer_input(layer, inputs.append))
         handles.append(self.layout.layers[0].register_forward_hook(kind))
         try:
             logits = self.layout.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -94,9 +92,7 @@ class PrefixRunner:
         saved = [layers._modules[str(j)] for j in range(index)]
 
         def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (cached, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": cached}
+            return with_hidden_arg(args, kwargs, cached)
 
         handle = layers[index].register_forward_pre_hook(feed, with_kwargs=True)
         for j in range(index):
@@ -145,15 +141,12 @@ class PrefixRunner:
             raise ValueError("run_from() needs the hidden input of layer `start` when start > 0")
         kept: list[torch.Tensor] = []
 
-        def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            kept.append(args[0] if args else kwargs["hidden_states"])
-
         def kind(_m: nn.Module, _a: tuple, out: Any) -> None:
             self._returns_tuple = isinstance(out, tuple)
 
         layers = self.layout.layers
         later = range(start + 1, self.layout.n_layers) if keep else range(0)
-        handles = [layers[j].register_forward_pre_hook(grab, with_kwargs=True) for j in later]
+        handles = [on_layer_input(layers[j], kept.append) for j in later]
         if start == 0:
             # A later start_from() needs to know what a layer returns.
             handles.append(layers[0].register_forward_hook(kind))

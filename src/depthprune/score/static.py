@@ -1,13 +1,13 @@
 """Static importance metrics of every unit, from one forward pass with hooks.
 
-For every decoder layer the hooks see the block input ``h_in``, the attention path's
-update ``u_a`` (after any post-norm), the MLP path's input and update ``u_m`` and the
-block output. From these each unit gets an input and an output on the residual stream:
+For every decoder layer the hooks record the residual stream as
+:mod:`depthprune.stream` defines it, and each unit gets an input, an update and an
+output on the stream (:meth:`~depthprune.stream.LayerStreams.passage`):
 
-- ``block.i``: ``h_in`` -> block output;
+- ``block.i``: the block input ``h_in`` -> the block output;
 - ``attn.i``: ``h_in`` -> ``h_in + u_a``;
-- ``mlp.i``: the stream before the MLP path (``h_in + u_a``, or ``h_in`` with a parallel
-  residual) -> that plus ``u_m``.
+- ``mlp.i``: the stream entering the MLP path (``h_in + u_a``, or ``h_in`` with a
+  parallel residual) -> that plus ``u_m``.
 
 Per-token values are reduced at once into float64 running sums, so no hidden state
 outlives its layer (a span metric keeps the ``n`` most recent block inputs).
@@ -15,20 +15,20 @@ outlives its layer (a span metric keeps the ``n`` most recent block inputs).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from depthprune.architectures import get_submodule
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.score.registry import Metric, TokenPieces
-from depthprune.units import ModelLayout, Unit
+from depthprune.stream import LayerStreams
+from depthprune.units import SUBLAYER_KINDS, UNIT_KINDS, ModelLayout, Unit
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ class RunningStats:
         return (var / self.count) ** 0.5
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output (a tensor, or a tuple led by one)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _sum64(x: torch.Tensor) -> torch.Tensor:
     return x.sum(-1, dtype=torch.float64)
 
@@ -90,14 +85,6 @@ def token_pieces(h_in: torch.Tensor, h_out: torch.Tensor, delta: torch.Tensor, n
 
 
 @dataclass
-class _LayerCapture:
-    h_in: torch.Tensor | None = None
-    u_attn: torch.Tensor | None = None
-    h_mid: torch.Tensor | None = None
-    u_mlp: torch.Tensor | None = None
-
-
-@dataclass
 class StaticCollector:
     """Registers hooks that turn one forward pass into static metrics of many units.
 
@@ -116,7 +103,6 @@ class StaticCollector:
     span: int = 1
     stats: dict[tuple[str, Unit], RunningStats] = field(default_factory=dict)
     _select: Callable[[torch.Tensor], torch.Tensor] | None = None
-    _capture: dict[int, _LayerCapture] = field(default_factory=dict)
     _block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
 
@@ -132,46 +118,18 @@ class StaticCollector:
 
     # -- hooks ---------------------------------------------------------------------------
 
-    def _last_module(self, layer: nn.Module, kind: str) -> nn.Module:
-        path = self.layout.spec.path(kind)
-        return get_submodule(layer, path.post_norms[-1] if path.post_norms else path.module)
-
     def attach(self) -> None:
         """Register the hooks on every layer that has a unit to score."""
-        parallel = self.layout.parallel
+        stream = self.layout.stream
         for i in self._layers_needed:
+            kinds = [k for k in SUBLAYER_KINDS if (k, i) in self._wanted]
             layer = self.layout.layers[i]
-            cap = self._capture.setdefault(i, _LayerCapture())
-
-            def pre(_m: nn.Module, args: tuple, kwargs: dict, cap: _LayerCapture = cap) -> None:
-                cap.h_in = args[0] if args else kwargs["hidden_states"]
-
-            def on_attn(_m: nn.Module, _a: tuple, out: Any, cap: _LayerCapture = cap) -> None:
-                cap.u_attn = _hidden(out)
-
-            def on_mlp_in(_m: nn.Module, args: tuple, cap: _LayerCapture = cap) -> None:
-                cap.h_mid = args[0]
-
-            def on_mlp(_m: nn.Module, _a: tuple, out: Any, cap: _LayerCapture = cap) -> None:
-                cap.u_mlp = _hidden(out)
-
-            def post(_m: nn.Module, _a: tuple, out: Any, i: int = i) -> None:
-                self._finish_layer(i, _hidden(out))
-
-            self._handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(self._last_module(layer, "attn").register_forward_hook(on_attn))
-            self._handles.append(self._last_module(layer, "mlp").register_forward_hook(on_mlp))
-            mlp_pre = self.layout.spec.mlp.pre_norms
-            if not parallel and mlp_pre:
-                # The stream entering the MLP path is exactly what its first norm reads.
-                self._handles.append(get_submodule(layer, mlp_pre[0]).register_forward_pre_hook(on_mlp_in))
-            self._handles.append(layer.register_forward_hook(post))
+            self._handles.extend(stream.record(layer, kinds, functools.partial(self._finish_layer, i)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._capture.clear()
         self._block_inputs.clear()
 
     # -- statistics ----------------------------------------------------------------------
@@ -199,23 +157,15 @@ class StaticCollector:
                 )
             self.stats.setdefault((metric.name, unit), RunningStats()).add(values)
 
-    def _finish_layer(self, i: int, h_out_full: torch.Tensor) -> None:
-        cap = self._capture[i]
+    def _finish_layer(self, i: int, streams: LayerStreams) -> None:
         sel = self._select
-        assert sel is not None and cap.h_in is not None, "set_tokens() must be called before the forward pass"
-        h_in, h_out = sel(cap.h_in), sel(h_out_full)
-        if ("block", i) in self._wanted:
-            self._add(Unit("block", i), h_in, h_out, h_out - h_in)
-        if ("attn", i) in self._wanted or ("mlp", i) in self._wanted:
-            u_a, u_m = sel(cap.u_attn), sel(cap.u_mlp)
-            attn_out = sel(cap.h_mid) if cap.h_mid is not None else h_in + u_a
-            if ("attn", i) in self._wanted:
-                self._add(Unit("attn", i), h_in, attn_out, u_a)
-            if ("mlp", i) in self._wanted:
-                mlp_in = h_in if self.layout.parallel else attn_out
-                mlp_out = h_in + u_m if self.layout.parallel else h_out
-                self._add(Unit("mlp", i), mlp_in, mlp_out, u_m)
+        assert sel is not None, "set_tokens() must be called before the forward pass"
+        for kind in UNIT_KINDS:
+            if (kind, i) in self._wanted:
+                passage = streams.passage(kind, sel)
+                self._add(Unit(kind, i), passage.entering, passage.leaving, passage.update)
         if self._span_metric is not None:
+            h_in, h_out = sel(streams.h_in), sel(streams.h_out)
             self._block_inputs[i] = h_in
             start = i - self.span + 1
             if start >= 0:
@@ -223,7 +173,6 @@ class StaticCollector:
                 pieces = token_pieces(first, h_out, h_out - first, need_l1=False)
                 values = self._span_metric.token_fn(pieces)  # type: ignore[misc]
                 self.stats.setdefault((self._span_metric.name, Unit("block", start)), RunningStats()).add(values)
-        cap.h_in = cap.u_attn = cap.h_mid = cap.u_mlp = None  # the hooks hold this object
 
 
 @torch.no_grad()
