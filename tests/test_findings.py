@@ -111,3 +111,69 @@ def test_point_cache_measures_once_and_survives_a_restart(tmp_path: Path) -> Non
 def test_section_validates(kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(InputError, match=needle):
         FindingsSection(**kwargs)
+
+
+@pytest.mark.slow
+def test_findings_stage_end_to_end_on_stories260k(
+    stories_dir: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from depthprune.data import load_calibration
+    from depthprune.evaluate import evaluate, task_score
+    from depthprune.findings import run_findings
+    from depthprune.loading import load_model
+    from depthprune.pipeline import run_recipe
+    from depthprune.recipe import recipe_from_dict
+    from depthprune.scores_file import load_scores
+    from depthprune.units import mask_units
+
+    stories = str(shared / "data" / "tinystories" / "tinystories_sample.txt")
+    ppl = f"ppl:{stories},seq_len=64,max_tokens=128"
+    hs = str(shared / "data" / "hellaswag")
+    doc = tmp_path / "docs" / "findings.md"
+    recipe = recipe_from_dict(
+        {
+            "model": str(stories_dir),
+            "data": {"source": stories, "samples": 4, "seq_len": 64},
+            "tasks": [ppl, f"hellaswag:{hs},skip=10,limit=4"],
+            "score": {"metrics": ["cosine", "rel_l2", "loo_loss"], "units": ["block", "attn", "mlp"]},
+            "plan": {"metric": "loo_loss", "units": "block", "remove": 1},
+            "sweep": None,
+            "report": False,
+            "findings": {
+                "kinds": ["block", "attn"], "max_fraction": 0.45, "step": 1,
+                "static_metrics": ["cosine", "loo_loss"], "static_max_remove": 2, "static_tasks": [ppl],
+                "select_task": f"hellaswag:{hs},limit=4", "counts": [1],
+                "emulate_units": ["block.0"], "emulate_methods": ["none", "bias"], "learned": [],
+                "fit_samples": 4, "eval_samples": 2, "doc": str(doc), "command": "depthprune run r.yaml -o out",
+            },
+        }
+    )
+    out = tmp_path / "run"
+    run_recipe(recipe, out, show_progress=False)
+    found = json.loads((out / "findings" / "findings.json").read_text())
+    assert found["f1"]["counts"] == [0, 1, 2] and set(found["f1"]["curves"]) == {"block", "attn"}
+    assert len(found["f2"]["task_loo"]) == 5 and [r["k"] for r in found["f2"]["rows"]] == [0, 1]
+    rows = found["f3"]["units"]["block.0"]["rows"]
+    assert {r["method"] for r in rows} == {"none", "bias"} and all(set(r["tasks"]) == set(found["tasks"]) for r in rows)
+    # A stored point is the task score of the masked model, recomputed here directly.
+    lm = load_model(str(stories_dir))
+    point = found["f1"]["curves"]["attn"][2]
+    with mask_units(lm.model, point["removed"]):
+        direct = task_score(evaluate(lm.model, lm.tokenizer, [ppl], show_progress=False)["tasks"][ppl])
+    assert point["scores"][ppl]["score"] == pytest.approx(direct, rel=1e-9)
+    text = doc.read_text()
+    assert "(F1)" in text and "(F2)" in text and "(F3)" in text and "](findings/f1.png)" in text
+    assert (doc.parent / "findings" / "f1.png").is_file() and (doc.parent / "findings" / "static.png").is_file()
+    # Every point was stored; a second run of the stage measures nothing again.
+    points = json.loads((out / "findings" / "points.json").read_text())
+    calls = []
+    original = PointCache.get_or_measure
+
+    def spy(self: PointCache, removed: Any, stand_in: str, tasks: Any, measure: Any) -> Any:
+        return original(self, removed, stand_in, tasks, lambda: calls.append(1) or measure())
+
+    monkeypatch.setattr(PointCache, "get_or_measure", spy)
+    data = load_calibration(stories, lm.tokenizer, 6, 64, 1)
+    assert isinstance(recipe.findings, FindingsSection)
+    run_findings(lm.model, lm.tokenizer, data, load_scores(out / "scores.json"), recipe.findings, out / "findings", "m", recipe.tasks, False)
+    assert calls == [] and json.loads((out / "findings" / "points.json").read_text()) == points

@@ -358,3 +358,22 @@ def test_recover_compare_cli(tiny_model_dirs: dict[str, Path], tmp_path: Path, c
     assert "wrote" in capsys.readouterr().out
     assert main([*args[:-1], str(out)]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
+
+
+def test_compare_evaluator_sees_the_model_as_each_method_leaves_it(stories: tuple) -> None:
+    model, fit, held_out = stories
+    seen: list[float] = []
+
+    def evaluator(m: nn.Module) -> dict[str, float]:
+        # The held-out loss recomputed by the evaluator must equal the row's loss: it sees
+        # the model with the method's stand-ins installed, and the model unchanged at k=0.
+        loss = heldout_loss(m, held_out)
+        seen.append(loss)
+        return {"loss_again": loss}
+
+    config = CompareConfig(methods=("none", "bias"), learned=(), counts=(0, 1), show_progress=False)
+    result = compare_recovery(model, [Unit("block", 0)], fit, held_out, config, evaluator=evaluator)
+    for row in result.rows:
+        assert row["tasks"]["loss_again"] == pytest.approx(row["loss"], abs=1e-6)
+    assert len(seen) == 3  # the unpruned model is evaluated once for both methods' k=0 rows
+    assert result.loss("bias", 1) < result.loss("none", 1)

@@ -107,6 +107,35 @@ class FindingsSection:
             Unit.parse(u)
 
 
+def check_section(s: FindingsSection, recipe_tasks: Sequence[str], metrics: Sequence[str], kinds: Sequence[str]) -> None:
+    """Check a findings section against the rest of the recipe, before anything runs.
+
+    Raises:
+        InputError: a task spec is malformed, a metric or unit kind is not scored, a
+            stand-in or learned method is unknown.
+    """
+    from depthprune.evaluate import parse_task
+    from depthprune.recover.compare import parse_learned
+    from depthprune.recover.emulate import parse_replace
+
+    tasks = list(s.tasks or recipe_tasks)
+    if not tasks:
+        raise InputError("findings need tasks: set findings.tasks or the recipe's tasks")
+    for spec in [*tasks, *s.static_tasks, *([s.select_task] if s.select_task else [])]:
+        parse_task(spec)
+    needed = {s.metric, *s.static_metrics} | ({"loo_loss"} if s.select_task else set())
+    missing = sorted(needed - set(metrics))
+    if missing:
+        raise InputError(f"findings use metrics {missing} that score.metrics ({', '.join(metrics)}) does not compute")
+    unscored = sorted((set(s.kinds) | {"block"}) - set(kinds))
+    if unscored:
+        raise InputError(f"findings use unit kinds {unscored} that score.units ({', '.join(kinds)}) does not score")
+    for m in s.emulate_methods:
+        parse_replace(m)
+    for m in s.learned:
+        parse_learned(m)
+
+
 class PointCache:
     """Task results of masked or emulated evaluations, saved after each one.
 

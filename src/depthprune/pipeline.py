@@ -36,7 +36,7 @@ from depthprune.recipe import Recipe, settings_hash
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("score", "plan", "prune", "evaluate", "sweep", "report")
+STAGES = ("score", "plan", "prune", "evaluate", "sweep", "findings", "report")
 
 
 @torch.no_grad()
@@ -199,6 +199,24 @@ def _stage_sweep(ctx: RunContext) -> None:
     plot_sweep(result, ctx.out / "sweep")
 
 
+def _stage_findings(ctx: RunContext) -> None:
+    from depthprune.data import context_length, load_calibration
+    from depthprune.findings import run_findings
+    from depthprune.scores_file import load_scores
+
+    f, d = ctx.recipe.findings, ctx.recipe.data
+    assert f is not None  # run_recipe skips the stage otherwise
+    lm = ctx.loaded
+    # Emulators are fitted on other windows than the scores' (another seed).
+    emulation_data = load_calibration(
+        d.source, lm.tokenizer, f.fit_samples + f.eval_samples, d.seq_len, d.seed + 1, context_length(lm.model), d.text_field
+    )
+    run_findings(
+        lm.model, lm.tokenizer, emulation_data, load_scores(ctx.out / "scores.json"), f, ctx.out / "findings",
+        model_name=ctx.recipe.model, default_tasks=ctx.recipe.tasks, show_progress=ctx.show_progress,
+    )
+
+
 def reproduce_commands(recipe: Recipe, out: Path) -> list[str]:
     """The commands that redo the run stage by stage."""
     q = shlex.quote
@@ -257,6 +275,7 @@ _RUNNERS: dict[str, Callable[[RunContext], None]] = {
     "prune": _stage_prune,
     "evaluate": _stage_evaluate,
     "sweep": _stage_sweep,
+    "findings": _stage_findings,
     "report": _stage_report,
 }
 _OUTPUTS = {
@@ -265,6 +284,7 @@ _OUTPUTS = {
     "prune": ("model/depthprune.json",),
     "evaluate": ("eval.json",),
     "sweep": (),
+    "findings": ("findings/findings.json", "findings/findings.md"),
     "report": ("report.html",),
 }
 
@@ -316,6 +336,10 @@ def preflight(ctx: RunContext) -> None:
         missing = [m for m in s.metrics if m not in recipe.score.metrics]
         if missing:
             raise InputError(f"sweep.metrics {missing} are not among score.metrics ({', '.join(recipe.score.metrics)})")
+    if recipe.findings is not None:
+        from depthprune.findings import check_section
+
+        check_section(recipe.findings, recipe.tasks, recipe.score.metrics, recipe.score.units)
 
 
 def _budget(remove: float) -> int | float:
@@ -356,6 +380,8 @@ def run_recipe(
             continue
         key = settings_hash(recipe.stage_settings(stage))
         if stage == "sweep" and (recipe.sweep is None or not recipe.tasks):
+            continue
+        if stage == "findings" and recipe.findings is None:
             continue
         complete = done.get(stage) == key and all(_valid(folder / o) for o in _OUTPUTS[stage])
         if on_stage:

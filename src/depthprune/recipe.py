@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from depthprune.errors import InputError, check_choice
+from depthprune.findings import FindingsSection
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Recipe:
         tasks: Evaluation task specs (see ``depthprune eval``), run before and after.
         recover: ``none``, ``bias`` or ``lowrank:R`` for the removed units.
         score, plan, sweep: Stage settings; ``sweep: null`` skips the sweep.
+        findings: The paper's findings measured on this model (see
+            :mod:`depthprune.findings`); ``null`` (the default) skips them.
         dtype, device, trust_remote_code: Model loading.
         report: Write ``report.html``.
     """
@@ -81,6 +84,7 @@ class Recipe:
     device: str = "cpu"
     trust_remote_code: bool = False
     report: bool = True
+    findings: FindingsSection | None = None
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings a stage's output depends on (its resume key)."""
@@ -95,6 +99,8 @@ class Recipe:
             return {**self.stage_settings("prune"), "tasks": self.tasks}
         if stage == "report":
             return dataclasses.asdict(self)
+        if stage == "findings":
+            return {**self.stage_settings("score"), "tasks": self.tasks, "findings": dataclasses.asdict(self.findings) if self.findings else None}
         if stage == "sweep":
             return {**self.stage_settings("score"), "tasks": self.tasks, "sweep": dataclasses.asdict(self.sweep) if self.sweep else None}
         raise ValueError(stage)
@@ -115,7 +121,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
                 raise InputError(f"{where} is missing the required key {f.name!r}")
             continue
         value, hint = data[f.name], hints[f.name]
-        nested = next((t for t in (DataSection, ScoreSection, PlanSection, SweepSection) if t in getattr(hint, "__args__", (hint,))), None)
+        nested = next((t for t in (DataSection, ScoreSection, PlanSection, SweepSection, FindingsSection) if t in getattr(hint, "__args__", (hint,))), None)
         if nested is not None and value is not None:
             value = _build(nested, value, f"{where}.{f.name}" if where != "recipe" else f.name)
         kwargs[f.name] = value

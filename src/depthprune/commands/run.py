@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", help="override recipe.plan.metric")
     p.add_argument("--units", help="override recipe.plan.units")
     p.add_argument("--remove", type=float, help="override recipe.plan.remove (a count, or a fraction < 1)")
+    p.add_argument("--device", help="override recipe.device, e.g. cuda")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="override recipe.dtype")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print it and run nothing")
     p.set_defaults(func=run)
 
@@ -36,6 +38,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         data["tasks"] = args.task
     if args.recover:
         data["recover"] = args.recover
+    for key in ("device", "dtype"):
+        if getattr(args, key):
+            data[key] = getattr(args, key)
     for key in ("metric", "units", "remove"):
         if getattr(args, key) is not None:
             data.setdefault("plan", {})[key] = getattr(args, key)

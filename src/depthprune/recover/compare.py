@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,7 @@ def compare_recovery(
     config: CompareConfig | None = None,
     spec: ArchSpec | None = None,
     model_name: str = "",
+    evaluator: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> CompareResult:
     """Measure held-out loss against the number of units removed, for every method.
 
@@ -237,6 +238,8 @@ def compare_recovery(
         config: Methods, counts and budgets.
         spec: The family spec; looked up from ``model.config`` when omitted.
         model_name: Recorded in the result.
+        evaluator: Also measures anything else (e.g. task scores) of the model as each
+            method leaves it; its result is stored in the row as ``tasks``.
 
     Returns:
         A :class:`CompareResult`.
@@ -275,31 +278,45 @@ def compare_recovery(
             cache[unit, method] = e.to(device) if e is not None else None
         return cache[unit, method]
 
+    unpruned: dict[str, Any] = {}
+
+    def measure(k: int, label: str, learned: Any = None) -> None:
+        """Append the row of the model as it is now (``k`` units stood in for by ``label``)."""
+        if k == 0:
+            loss = baseline
+            if evaluator is not None and "tasks" not in unpruned:
+                unpruned["tasks"] = evaluator(model)
+            extra = unpruned.get("tasks")
+        else:
+            loss = heldout_loss(model, eval_data, bs)
+            extra = evaluator(model) if evaluator is not None else None
+        row = _row(k, label, loss, baseline, learned)
+        if extra is not None:
+            row["tasks"] = extra
+        result.rows.append(row)
+
     total = len(counts) * (len(config.methods) + len(config.learned))
     with counter(total, desc="recovery comparison", disable=not config.show_progress) as bar:
         for k in counts:
             chosen = units[:k]
             for method in config.methods:
                 if k == 0:
-                    loss = baseline
+                    measure(k, method)
                 else:
                     with emulate(model, {u: stand_in(u, method) for u in chosen}, layout.spec):
-                        loss = heldout_loss(model, eval_data, bs)
-                result.rows.append(_row(k, method, loss, baseline))
+                        measure(k, method)
                 bar.update()
             for learned in config.learned:
                 lc = config.learn_config(learned)
                 if k == 0:
-                    result.rows.append(_row(k, lc.label, baseline, baseline))
+                    measure(k, lc.label)
                 elif lc.method == "lora":
                     with lora_recovery(model, chosen, fit_data, lc, layout.spec) as res:
-                        loss = heldout_loss(model, eval_data, bs)
-                    result.rows.append(_row(k, lc.label, loss, baseline, res))
+                        measure(k, lc.label, res)
                 else:
                     res = train_emulators(model, chosen, fit_data, lc, layout.spec)
                     with emulate(model, res.emulators, layout.spec):  # type: ignore[arg-type]
-                        loss = heldout_loss(model, eval_data, bs)
-                    result.rows.append(_row(k, lc.label, loss, baseline, res))
+                        measure(k, lc.label, res)
                 bar.update()
     return result
 
