@@ -266,7 +266,7 @@ def _config_for(path: str, architecture: str, size: int, mtime_ns: int) -> Any:
 
     file = Path(path)
     try:
-        config = AutoConfig.from_pretrained(str(file.parent), gguf_file=path, local_files_only=True)
+        config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise _wrap(path, architecture, "config", exc) from exc
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -346,7 +346,7 @@ def _load_weights(header: GGUFHeader, config: Any, dtype: str, attn_implementati
     except ImportError as exc:
         raise ModelLoadError("loading a GGUF file needs the accelerate package; pip install accelerate") from exc
     kwargs: dict[str, Any] = {
-        "gguf_file": str(header.path),
+        "gguf_file": header.path.name,
         "config": config,
         "dtype": DTYPES[dtype],
         # Unpack every weight into a dense tensor even where transformers could keep GGUF
@@ -378,7 +378,7 @@ def _load_tokenizer(header: GGUFHeader, config: Any) -> Any | None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(header.path.parent), gguf_file=str(header.path), local_files_only=True
+            str(header.path.parent), gguf_file=header.path.name, local_files_only=True
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning("no tokenizer loaded from %s: %s", header.path, first_line(exc))
