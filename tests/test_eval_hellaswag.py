@@ -234,3 +234,12 @@ def test_evaluate_spec_on_stories(stories_lm: Any, shared: Path) -> None:
     assert result["n"] == 40 and result["protocol"]["config"]["batch_size"] == 16
     assert 0.0 <= result["acc"] <= 1.0 and result["acc_stderr"] > 0
     assert result["protocol"]["data_file"].endswith("hellaswag_val_full.txt.bz2")
+
+
+def test_eval_cli_prints_a_hellaswag_row(stories_dir: Path, shared: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from depthprune.cli import main
+
+    spec = f"hellaswag:{_hellaswag_file(shared)},skip=3,limit=5"
+    assert main(["eval", str(stories_dir), "--task", spec, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "acc_norm" in out and "5 items" in out and "0-shot" in out

@@ -10,8 +10,9 @@ from depthprune.commands import add_model_args, load_config_from
 
 SPEC_HELP = (
     "a task spec KIND:TARGET[,key=value...]; repeat for several. "
-    "ppl:FILE[,seq_len=T][,stride=S][,bos=auto|none|stream|window][,documents=join|separate]; "
+    "ppl:FILE[,seq_len=T][,stride=S][,max_tokens=N][,bos=auto|none|stream|window][,documents=join|separate]; "
     "mmlu:DIR[,limit=N][,shots=K][,subjects=a+b]; "
+    "hellaswag:FILE_OR_DIR[,limit=N][,skip=N]; "
     "lm_eval:TASK[,include_path=DIR][,limit=N][,shots=K]"
 )
 
@@ -77,6 +78,8 @@ def _row(spec: str, r: dict[str, Any]) -> tuple[str, str, str, str, str]:
         return spec, "ppl", value, f"{r['n_scored']:,} tok", f"{p['mode']} T={p['seq_len']} S={p['stride']}"
     if r["task"] == "mmlu":
         return spec, "acc", value, f"{r['n']:,} q", f"macro {r['macro_accuracy']:.4f}, {r['protocol']['shots']}-shot"
+    if r["task"] == "hellaswag":
+        return spec, "acc_norm", value, f"{r['n']:,} items", f"acc {r['acc']:.4f}, 0-shot"
     n = sum(v.get("effective", 0) for v in r.get("n_samples", {}).values() if isinstance(v, dict))
     return spec, r["metric"], value, f"{n:,} docs", ", ".join(r["tasks"])
 

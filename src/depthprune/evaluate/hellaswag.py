@@ -469,7 +469,6 @@ def evaluate_hellaswag(model: nn.Module, tokenizer: Any, source: str | os.PathLi
         "acc_norm_stderr": _stderr(acc_norm, n),
         "acc_stderr": _stderr(acc, n),
         "metric": "acc_norm",
-        "tasks": ["hellaswag"],
         "n": n,
         "higher_is_better": True,
         "predictions": plain,
