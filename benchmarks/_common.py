@@ -26,8 +26,8 @@ SMOLLM2 = SHARED / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM = "random"
 
 
-def add_model_args(p: argparse.ArgumentParser, batch: int) -> None:
-    """The model (random Llama, ``smollm2`` or a ``.gguf`` path) and the token batch."""
+def add_model_args(p: argparse.ArgumentParser, batch: int, threads: int | None = None) -> None:
+    """The model (random Llama, ``smollm2`` or a ``.gguf`` path), the token batch and torch's threads."""
     p.add_argument(
         "--model",
         default=RANDOM,
@@ -39,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--vocab", type=int, default=16000, help="random Llama only; a loaded model uses its own")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=batch, help="sequences")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default: {threads or 'torch chooses'})")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
 
 
