@@ -121,7 +121,9 @@ def test_resume_after_a_killed_run(testbed: Path, tmp_path: Path, monkeypatch: p
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """`depthprune demo` on a fresh cache, once for the tests below."""
     tmp = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "DEPTHPRUNE_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
+    # One torch thread, as conftest gives the test process: on two shared cores a second
+    # OpenMP thread that gets preempted stalls the first at every barrier of the training.
+    env = {**os.environ, "DEPTHPRUNE_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "depthprune", "demo", "-o", str(tmp / "demo")], env=env, capture_output=True, text=True)
     print(f"demo took {time.perf_counter() - start:.0f} s")
