@@ -1,15 +1,19 @@
-"""Score tables and heatmaps."""
+"""Score tables and heatmaps; the report's measured-speed comparison."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import tiny_model, tiny_tokenizer
 from rich.console import Console
 
 from depthprune.errors import InputError
+from depthprune.html_report import ReportData, render
 from depthprune.report import _normalized_rows, heatmap_figsize, plot_heatmap, scores_table
+from depthprune.speed import NO_DIFFERENCE, SpeedConfig, Spread, compare, measure_speed, speed_rows
 from depthprune.units import Unit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -145,3 +149,82 @@ def test_heatmap_errors(tmp_path: Path, name: str, kwargs: dict[str, Any], needl
         plot_heatmap(_scores(), tmp_path / name, **kwargs)
     assert needle in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------- measured speed
+
+
+def test_spread_is_median_and_interquartile_range() -> None:
+    s = Spread.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.median, s.low, s.high, s.n) == (3.0, 2.0, 4.0, 5)
+    assert Spread.of([7.0]) == Spread(7.0, 7.0, 7.0, 1)
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        # One slow repeat of the pruned model drags its median below the original's, but
+        # the ranges overlap: that is noise, not a slower model.
+        ([100, 101, 99, 102, 98, 100, 101], [97, 99, 103, 60, 98, 102, 99], NO_DIFFERENCE),
+        ([100, 101, 99, 102, 98, 100, 101], [133, 130, 136, 135, 131, 134, 120], "1.33x faster"),
+        ([100, 101, 99, 102, 98, 100, 101], [75, 74, 76, 77, 73, 75, 90], "0.75x (slower)"),
+        ([100.0], [100.0], NO_DIFFERENCE),
+    ],
+)
+def test_speed_verdict(before: list[float], after: list[float], verdict: str) -> None:
+    assert compare(Spread.of(before), Spread.of(after)) == verdict
+
+
+class _FakeTokenizer:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Any:
+        return SimpleNamespace(input_ids=list(range(len(text.split()))))
+
+
+def _fake_model(context: int) -> Any:
+    # The context key is a family fact (architectures/llama.json), so the config names its family.
+    config = SimpleNamespace(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=context)
+    return SimpleNamespace(config=config)
+
+
+def test_measure_speed_alternates_and_converts_injected_timings() -> None:
+    models = {"original": _fake_model(512), "pruned": _fake_model(40)}
+    calls: list[tuple[str, int, int]] = []
+    seconds = {"original": (0.5, 2.0), "pruned": (0.25, 1.0)}
+
+    def timer(model: Any, prompt: Any, new: int) -> tuple[float, float]:
+        name = next(n for n, m in models.items() if m is model)
+        calls.append((name, prompt.shape[1], new))
+        return seconds[name]
+
+    out = measure_speed(models, _FakeTokenizer(), SpeedConfig(prompt_tokens=64, new_tokens=16, repeats=4), timer=timer)
+    # Warm-up once each, then the order flips every repeat so drift hits both alike.
+    assert [c[0] for c in calls] == ["original", "pruned"] * 2 + ["pruned", "original", "original", "pruned", "pruned", "original"]
+    assert all(c[1:] == (24, 16) for c in calls)  # the prompt fits the shortest context (40 - 16 new)
+    assert out["original"]["prefill_tokens_per_second"] == [48.0] * 4
+    assert out["pruned"]["decode_tokens_per_second"] == [16.0] * 4
+    rows = speed_rows(out["original"], out["pruned"])
+    assert [label.split(",")[0] for label, _, _ in rows] == ["prefill", "decode"]
+    assert "24-token prompt" in rows[0][0] and "16 tokens on the KV cache" in rows[1][0]
+    assert [compare(a, b) for _, a, b in rows] == ["2.00x faster", "2.00x faster"]
+    assert speed_rows(None, out["pruned"]) == []  # eval.json from before prefill/decode were measured
+
+
+def test_measure_speed_runs_a_real_model() -> None:
+    out = measure_speed({"m": tiny_model("llama")}, tiny_tokenizer(), SpeedConfig(prompt_tokens=8, new_tokens=3, repeats=2))
+    assert out["m"]["prompt_tokens"] == 8 and len(out["m"]["decode_tokens_per_second"]) == 2
+    assert all(v > 0 for k in ("prefill_tokens_per_second", "decode_tokens_per_second") for v in out["m"][k])
+
+
+def test_report_speed_section_says_no_measurable_difference_when_ranges_overlap() -> None:
+    steady = Spread.of([100, 101, 99, 102, 98])
+    noisy = Spread.of([97, 99, 103, 60, 98])
+    fast = Spread.of([150, 151, 149, 152, 148])
+    html = render(ReportData(title="t", model="m", throughput=[("prefill, tokens/s", steady, noisy), ("decode, tokens/s", steady, fast)]))
+    speed = html[html.index("Speed (measured)") :]
+    assert "<td>prefill, tokens/s</td><td>100 <span class=muted>(99&ndash;101)</span></td>" in speed
+    assert f"<td>{NO_DIFFERENCE}</td>" in speed
+    assert "<td class=better>1.50x faster</td>" in speed
+    assert "slower" not in speed
+    assert "Median of 5 runs per model" in speed

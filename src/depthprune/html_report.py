@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from depthprune import __version__
+from depthprune.speed import NO_DIFFERENCE, Spread, compare
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1b1b;padding:0 1rem}
@@ -33,7 +34,9 @@ class ReportData:
         before, after: Headline metrics of the original and pruned models, by name.
         sizes: Rows of size figures (parameters, KV-cache bytes per token, ...), each
             ``(label, before, after)``.
-        throughput: ``(label, before, after)`` rows of measured tokens/s.
+        throughput: ``(label, before, after)`` rows of measured tokens/s, each a
+            :class:`~depthprune.speed.Spread` over repeats; the change column says "no
+            measurable difference" when their ranges overlap.
         images: ``(caption, PNG path)`` pairs: the heatmap, the sweep curves, ...
         commands: The exact commands that reproduce the run.
         notes: Free-text lines.
@@ -46,7 +49,7 @@ class ReportData:
     after: dict[str, float] = field(default_factory=dict)
     lower_is_better: Sequence[str] = ()
     sizes: list[tuple[str, float, float]] = field(default_factory=list)
-    throughput: list[tuple[str, float, float]] = field(default_factory=list)
+    throughput: list[tuple[str, Spread, Spread]] = field(default_factory=list)
     images: list[tuple[str, str | os.PathLike[str]]] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -75,6 +78,25 @@ def _ratio_rows(rows: list[tuple[str, float, float]]) -> str:
         ratio = f"{b / a:.3f}" if a else "-"
         out.append(f"<tr><td>{_e(label)}</td><td>{_num(a)}</td><td>{_num(b)}</td><td>{ratio}</td></tr>")
     return "".join(out) + "</table>"
+
+
+def _speed_cell(s: Spread) -> str:
+    return f"{_num(s.median)} <span class=muted>({_num(s.low)}&ndash;{_num(s.high)})</span>"
+
+
+def _speed_rows(rows: list[tuple[str, Spread, Spread]]) -> str:
+    out = ["<table><tr><th></th><th>original</th><th>pruned</th><th>pruned / original</th></tr>"]
+    for label, a, b in rows:
+        verdict = compare(a, b)
+        cls = "" if verdict == NO_DIFFERENCE else " class=better" if b.median > a.median else " class=worse"
+        out.append(f"<tr><td>{_e(label)}</td><td>{_speed_cell(a)}</td><td>{_speed_cell(b)}</td><td{cls}>{_e(verdict)}</td></tr>")
+    n = min(min(a.n, b.n) for _, a, b in rows)
+    out.append(
+        f"</table><p class=muted>Median of {n} runs per model, the models taking turns; in brackets the "
+        "interquartile range. Where the ranges overlap, the difference is within this machine's noise "
+        f"and is reported as {NO_DIFFERENCE}.</p>"
+    )
+    return "".join(out)
 
 
 def render(data: ReportData) -> str:
@@ -110,7 +132,7 @@ def render(data: ReportData) -> str:
     if data.sizes:
         parts.append("<h2>Size</h2>" + _ratio_rows(data.sizes))
     if data.throughput:
-        parts.append("<h2>Speed (measured)</h2>" + _ratio_rows(data.throughput))
+        parts.append("<h2>Speed (measured)</h2>" + _speed_rows(data.throughput))
     for caption, path in data.images:
         parts.append(f"<h2>{_e(caption)}</h2>{_img(path)}")
     if data.notes:

@@ -7,7 +7,7 @@ Layout of the output folder::
     scores.json     scores.png
     plan.json
     model/          the pruned (and recovered) model
-    eval.json       tasks, size, KV cache and tokens/s of the original and pruned models
+    eval.json       tasks, size, KV cache and prefill/decode tokens/s of the original and pruned models
     sweep/          sweep.json and one PNG per task
     report.html
 """
@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import shlex
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,22 +51,6 @@ def kv_cache_bytes_per_token(model: nn.Module, n_tokens: int = 16) -> float:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total / n_tokens
-
-
-@torch.no_grad()
-def tokens_per_second(models: dict[str, nn.Module], tokenizer: Any, new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
-    """Greedy generation speed of each model, measured alternately to cancel drift."""
-    prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    times: dict[str, list[float]] = {k: [] for k in models}
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-    for name, m in models.items():  # warm-up
-        m.generate(prompt.to(next(m.parameters()).device), max_new_tokens=4, do_sample=False, pad_token_id=kwargs["pad_token_id"])
-    for _ in range(repeats):
-        for name, m in models.items():
-            start = time.perf_counter()
-            m.generate(prompt.to(next(m.parameters()).device), **kwargs)
-            times[name].append(time.perf_counter() - start)
-    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
@@ -163,6 +145,7 @@ def _load_pruned(ctx: RunContext) -> nn.Module:
 
 def _stage_evaluate(ctx: RunContext) -> None:
     from depthprune.evaluate import evaluate
+    from depthprune.speed import measure_speed
 
     original, tok = ctx.loaded.model, ctx.loaded.tokenizer
     pruned = _load_pruned(ctx)
@@ -174,9 +157,9 @@ def _stage_evaluate(ctx: RunContext) -> None:
             "layers": num_layers(m.config),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
         }
-    speed = tokens_per_second({"original": original, "pruned": pruned}, tok)
+    speed = measure_speed({"original": original, "pruned": pruned}, tok)
     for name in speed:
-        doc[name]["tokens_per_second"] = speed[name]
+        doc[name]["speed"] = speed[name]
     write_json_atomic(ctx.out / "eval.json", doc)
 
 
@@ -240,6 +223,7 @@ def reproduce_commands(recipe: Recipe, out: Path) -> list[str]:
 def _stage_report(ctx: RunContext) -> None:
     from depthprune.evaluate import task_score
     from depthprune.html_report import ReportData, write_report
+    from depthprune.speed import speed_rows
     from depthprune.sweep import sweep_png_name, task_label
 
     ev = json.loads((ctx.out / "eval.json").read_text())
@@ -258,7 +242,7 @@ def _stage_report(ctx: RunContext) -> None:
         ("blocks computed in full", o["layers"], o["layers"] - removed_blocks),
         ("KV-cache bytes per token", o["kv_cache_bytes_per_token"], p["kv_cache_bytes_per_token"]),
     ]
-    data.throughput = [("greedy generation, tokens/s (batch 1, 64 new tokens)", o["tokens_per_second"], p["tokens_per_second"])]
+    data.throughput = speed_rows(o.get("speed"), p.get("speed"))
     data.images = [("Importance of every unit (scores.png)", ctx.out / "scores.png")]
     for task in ctx.recipe.tasks:
         png = ctx.out / "sweep" / sweep_png_name(task, ctx.recipe.tasks)
