@@ -369,7 +369,7 @@ def test_score_dispatches_shapley(stories, stories_exact) -> None:
     lm, data = stories
     config = ScoreConfig(metrics=("shapley", "loo_loss"), units=("block",), estimator="exact", show_progress=False)
     result = score(lm.model, data, config)
-    assert result.scores["shapley"] == pytest.approx(stories_exact["block"].values)
+    assert result.scores["shapley"] == pytest.approx({str(u): v for u, v in stories_exact["block"].values.items()})
     assert result.stderr["shapley"] == {f"block.{i}": 0.0 for i in range(5)}
     definition = result.definitions["shapley"]
     assert definition["estimator"] == "exact" and definition["value"] == "loss"

@@ -272,8 +272,8 @@ def shapley_tables(results: Any) -> tuple[dict[str, float], dict[str, float | No
     """Scores and standard errors of Shapley results, merged and in unit order."""
     values: dict[Unit, tuple[float, float]] = {}
     for res in results:
-        for p in res.players:
-            values[Unit.parse(p)] = (res.values[p], res.stderr[p])
+        for u in res.players:
+            values[u] = (res.values[u], res.stderr[u])
     order = sorted(values, key=lambda u: (u.index, UNIT_KINDS.index(u.kind)))
 
     def clean(x: float) -> float | None:
