@@ -367,7 +367,7 @@ def test_shapley_iterative_matches_exact_and_resumes(stories, stories_exact, tmp
 
 def test_score_dispatches_shapley(stories, stories_exact) -> None:
     lm, data = stories
-    config = ScoreConfig(metrics=("shapley", "loo_loss"), units=("block",), estimator="exact", show_progress=False)
+    config = ScoreConfig(metrics=("shapley", "loo_loss"), units=("block",), shapley=ShapleyConfig(estimator="exact"), show_progress=False)
     result = score(lm.model, data, config)
     assert result.scores["shapley"] == pytest.approx({str(u): v for u, v in stories_exact["block"].values.items()})
     assert result.stderr["shapley"] == {f"block.{i}": 0.0 for i in range(5)}
@@ -375,7 +375,30 @@ def test_score_dispatches_shapley(stories, stories_exact) -> None:
     assert definition["estimator"] == "exact" and definition["value"] == "loss"
     assert result.cost["shapley_block_layer_evals"] == stories_exact["block"].layer_evals
     with pytest.raises(InputError, match="Did you mean: local"):
-        ScoreConfig(metrics=("shapley",), estimator="locl")
+        ScoreConfig(metrics=("shapley",), shapley=ShapleyConfig(estimator="locl"))
+    with pytest.raises(InputError, match="expected a ShapleyConfig"):
+        ScoreConfig(metrics=("shapley",), shapley={"estimator": "exact"})  # type: ignore[arg-type]
+
+
+def test_score_dispatches_adaptive_metrics_through_their_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """score() calls an adaptive metric's own compute, once for all metrics that share it."""
+    from depthprune.score.registry import METRICS, Metric, MetricTables
+
+    calls = []
+
+    def depth(request, metrics) -> MetricTables:
+        calls.append([m.name for m in metrics])
+        table = {m.name: {str(u): float(u.index + k) for u in request.units} for k, m in enumerate(metrics)}
+        return MetricTables(table, {m: dict.fromkeys(t) for m, t in table.items()}, {"depth_layer_evals": 7})
+
+    for name in ("depth_a", "depth_b"):
+        monkeypatch.setitem(METRICS._entries, name, Metric(name, "adaptive", "a test metric", "none", compute=depth))
+    model = tiny_model("llama")
+    result = score(model, _random_batches(), ScoreConfig(metrics=("depth_b", "cosine", "depth_a"), units=("block",), show_progress=False))
+    assert calls == [["depth_b", "depth_a"]]
+    assert list(result.scores) == ["depth_b", "cosine", "depth_a"]
+    assert result.scores["depth_a"] == {f"block.{i}": float(i + 1) for i in range(4)}
+    assert result.cost["depth_layer_evals"] == 7 and result.definitions["depth_a"]["definition"] == "a test metric"
 
 
 def test_cli_register_builds_parsers() -> None:

@@ -10,7 +10,8 @@ units that are present, and every other player is masked.
 - :mod:`~depthprune.score.shapley.config`: :class:`ShapleyConfig`;
 - :mod:`~depthprune.score.shapley.driver`: the run loop, budgets, checkpoints and resume
   (:func:`estimate_shapley`), and the model entry points (:func:`shapley_units`,
-  :func:`unit_games`).
+  :func:`unit_games`);
+- :mod:`~depthprune.score.shapley.metric`: the ``shapley`` metric of ``score``.
 """
 
 from __future__ import annotations
