@@ -217,6 +217,8 @@ def _read_checkpoint(path: Path, identity: dict[str, Any], estimator: Estimator[
             )
     try:
         return RunState.from_json(doc["state"], estimator)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete ({exc!r}); delete it to start over") from None
 

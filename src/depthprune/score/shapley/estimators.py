@@ -129,8 +129,8 @@ class StrataSums:
     def from_json(cls, doc: dict[str, Any]) -> StrataSums:
         if "rounds" not in doc:
             raise CheckpointError(
-                "the checkpoint was written by an older depthprune whose cyclic standard errors were computed per "
-                "position, which underestimates them; delete it to start over"
+                "written by an older depthprune, whose cyclic standard errors were computed per position and "
+                "came out too small; delete it to start over"
             )
         return cls(int(doc["pairs"]), Moments.from_json(doc["strata"]), Moments.from_json(doc["rounds"]))
 
