@@ -5,8 +5,9 @@ units that are present, and every other player is masked.
 
 - :mod:`~depthprune.score.shapley.games`: the games (:class:`Game`, :class:`FunctionGame`,
   :class:`ModelGame`) and their prefix cache;
-- :mod:`~depthprune.score.shapley.estimators`: the estimators, each with a typed state,
-  and their registry ``ESTIMATORS``;
+- :mod:`~depthprune.score.shapley.estimators`: the estimators and their registry
+  ``ESTIMATORS``; :mod:`~depthprune.score.shapley.states`: their typed states and
+  checkpoint JSON;
 - :mod:`~depthprune.score.shapley.config`: :class:`ShapleyConfig`;
 - :mod:`~depthprune.score.shapley.driver`: the run loop, budgets, checkpoints and resume
   (:func:`estimate_shapley`), and the model entry points (:func:`shapley_units`,
