@@ -10,6 +10,8 @@ from depthprune.commands import add_model_args, add_output_args
 def register(sub: argparse._SubParsersAction) -> None:
     from depthprune.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
     from depthprune.score import DEFAULT_METRICS, METRICS
+    from depthprune.score.shapley import ESTIMATORS
+    from depthprune.score.values import VALUES
 
     p = sub.add_parser(
         "score",
@@ -31,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--plot", metavar="PNG", help="also write a metric x unit heatmap")
     g = p.add_argument_group("shapley", "settings of the `shapley` metric (see also `depthprune shapley`)")
-    g.add_argument("--estimator", default="permutation", choices=["exact", "permutation", "local"], help="(default: permutation)")
-    g.add_argument("--value", default="loss", choices=["loss", "kl", "mmlu"], help="value function (default: loss)")
+    g.add_argument("--estimator", default="permutation", help=f"{', '.join(ESTIMATORS)} (default: permutation)")
+    g.add_argument("--value", default="loss", help=f"value function: {', '.join(VALUES)} (default: loss)")
     g.add_argument("--mmlu", metavar="DIR", help="MMLU data folder, for --value mmlu")
     g.add_argument("--budget", type=int, help="most layer-evaluations per game")
     g.add_argument("--tol", type=float, help="stop once every standard error is below this")
@@ -50,6 +52,8 @@ def run(args: argparse.Namespace) -> None:
     from depthprune.loading import load_model
     from depthprune.report import plot_heatmap, scores_table
     from depthprune.score import ScoreConfig, score, write_scores
+    from depthprune.score.shapley import ShapleyConfig
+    from depthprune.score.values import ValueConfig
 
     config = ScoreConfig(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
@@ -59,11 +63,10 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         show_progress=not args.quiet,
-        estimator=args.estimator,
-        value=args.value,
-        mmlu=args.mmlu,
-        budget=args.budget,
-        tol=args.tol,
+        shapley=ShapleyConfig(
+            estimator=args.estimator, budget=args.budget, tol=args.tol, seed=args.seed, batch_size=args.batch_size
+        ),
+        value=ValueConfig(args.value, mmlu=args.mmlu),
         checkpoint=args.checkpoint,
         resume=args.resume,
     )

@@ -152,7 +152,7 @@ def run_shapley(args: argparse.Namespace) -> None:
     for name, r in results.items():
         print(
             f"{name}: {r.samples} samples, {r.layer_evals:,} layer-evaluations ({r.stopped}); "
-            f"least important first: {', '.join(r.ranking())}"
+            f"least important first: {', '.join(map(str, r.ranking()))}"
         )
     print(f"wrote {args.output}")
 

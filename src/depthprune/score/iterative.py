@@ -35,6 +35,7 @@ from depthprune.errors import CheckpointError, InputError, check_choice
 from depthprune.progress import counter
 from depthprune.score.registry import DEEPER_LOOK
 from depthprune.score.shapley import ModelGame, ShapleyConfig, estimate_shapley
+from depthprune.score.shapley.games import require_units
 from depthprune.score.values import ValueFunction
 from depthprune.units import ModelLayout, Unit
 
@@ -108,17 +109,41 @@ class PruneStep:
         stderrs: Their standard errors (``shapley`` only).
     """
 
-    unit: str
+    unit: Unit
     score: float
     stderr: float | None
     value_before: float
     value_after: float
     layer_evals: int
-    scores: dict[str, float]
-    stderrs: dict[str, float | None] = field(default_factory=dict)
+    scores: dict[Unit, float]
+    stderrs: dict[Unit, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it would turn the Unit keys into (unhashable) dicts.
+        return {
+            "unit": str(self.unit),
+            "score": self.score,
+            "stderr": self.stderr,
+            "value_before": self.value_before,
+            "value_after": self.value_after,
+            "layer_evals": self.layer_evals,
+            "scores": {str(u): v for u, v in self.scores.items()},
+            "stderrs": {str(u): v for u, v in self.stderrs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> PruneStep:
+        """The step written by :meth:`to_dict` (unit names are parsed here, once)."""
+        return cls(
+            unit=Unit.parse(doc["unit"]),
+            score=doc["score"],
+            stderr=doc["stderr"],
+            value_before=doc["value_before"],
+            value_after=doc["value_after"],
+            layer_evals=doc["layer_evals"],
+            scores={Unit.parse(u): v for u, v in doc["scores"].items()},
+            stderrs={Unit.parse(u): v for u, v in doc.get("stderrs", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -127,7 +152,7 @@ class IterativeResult:
 
     model: str
     n_layers: int
-    units: tuple[str, ...]
+    units: tuple[Unit, ...]
     steps: tuple[PruneStep, ...]
     config: IterativeConfig
     value: dict[str, Any]
@@ -138,12 +163,12 @@ class IterativeResult:
         return sum(s.layer_evals for s in self.steps)
 
     @property
-    def removed(self) -> list[str]:
+    def removed(self) -> list[Unit]:
         return [s.unit for s in self.steps]
 
     def to_plan(self) -> dict[str, Any]:
         """The ``plan.json`` document (the format of :mod:`depthprune.plan`)."""
-        kinds = sorted({Unit.parse(u).kind for u in self.units}, key=["block", "attn", "mlp"].index)
+        kinds = sorted({u.kind for u in self.units}, key=["block", "attn", "mlp"].index)
         method = self.config.method
         provenance: dict[str, Any] = {
             "metric": f"iterative_shapley_{self.value.get('value')}" if method == "shapley" else f"greedy_{self.value.get('value')}",
@@ -161,7 +186,7 @@ class IterativeResult:
             "steps": [s.to_dict() for s in self.steps],
         }
         remove = [
-            {"unit": s.unit, "replace": "none", "score": s.score, "rank": k, "value": s.value_after, "stderr": s.stderr}
+            {"unit": str(s.unit), "replace": "none", "score": s.score, "rank": k, "value": s.value_after, "stderr": s.stderr}
             for k, s in enumerate(self.steps)
         ]
         return {"version": __version__, "model": self.model, "n_layers": self.n_layers, "remove": remove, "provenance": provenance}
@@ -199,7 +224,7 @@ def _identity(layout: ModelLayout, value: ValueFunction, units: Sequence[Unit], 
 def iterative_prune(
     model: nn.Module | ModelLayout,
     value: ValueFunction,
-    units: Sequence[Unit | str],
+    units: Sequence[Unit],
     config: IterativeConfig | None = None,
     *,
     model_name: str = "",
@@ -213,7 +238,7 @@ def iterative_prune(
     Args:
         model: A Hugging Face causal LM of a supported family (or its layout), in eval mode.
         value: The value function (higher is better).
-        units: Candidate units, all blocks or all sublayers.
+        units: Candidate units (:class:`~depthprune.units.Unit`), all blocks or all sublayers.
         config: Method and budget.
         model_name: Recorded in the plan.
         checkpoint: Save every finished step here (a JSON file; removed at the end).
@@ -230,7 +255,8 @@ def iterative_prune(
     """
     config = config or IterativeConfig()
     layout = model if isinstance(model, ModelLayout) else ModelLayout.of(model)
-    parsed = [u if isinstance(u, Unit) else Unit.parse(u, layout.n_layers) for u in units]
+    parsed = list(units)
+    require_units("units", parsed)
     layout.check_units(parsed)
     _check_units(parsed)
     k = config.count(len(parsed))
@@ -250,7 +276,7 @@ def iterative_prune(
     with counter(k, desc=f"iterative ({config.method})", disable=not show_progress) as bar:
         bar.update(len(steps))
         while len(steps) < k:
-            removed = [Unit.parse(s.unit) for s in steps]
+            removed = [s.unit for s in steps]
             remaining = [u for u in parsed if u not in removed]
             game = ModelGame(layout, value, remaining, absent=removed, batch_size=config.batch_size, cache=config.cache)
             if config.method == "greedy":
@@ -269,7 +295,7 @@ def iterative_prune(
     return IterativeResult(
         model=model_name,
         n_layers=layout.n_layers,
-        units=tuple(str(u) for u in parsed),
+        units=tuple(parsed),
         steps=tuple(steps),
         config=config,
         value=value.describe(),
@@ -290,25 +316,25 @@ def _read_checkpoint(path: Path, identity: dict[str, Any]) -> list[PruneStep]:
                 f"checkpoint {str(path)!r} was made with another {key} ({doc.get('identity', {}).get(key)!r}, now {want!r}); "
                 "rerun with the same settings, or delete the checkpoint to start over"
             )
-    return [PruneStep(**s) for s in doc["steps"]]
+    return [PruneStep.from_dict(s) for s in doc["steps"]]
 
 
 def _greedy_step(game: ModelGame) -> PruneStep:
     """Try removing every remaining unit; remove the one that loses the least value."""
     full = game.full
-    candidates = [full & ~(1 << i) for i in range(game.n_players)]
-    ordered = game.order([full, *candidates])
+    candidates = {p: game.without(p) for p in game.players}
+    ordered = game.order([full, *candidates.values()])
     cost = game.cost(ordered)
     values = dict(zip(ordered, game.evaluate(ordered)))
     before = values[full]
-    lost = {p: before - values[c] for p, c in zip(game.players, candidates)}
+    lost = {p: before - values[c] for p, c in candidates.items()}
     unit = min(game.players, key=lambda p: (lost[p], game.players.index(p)))
     return PruneStep(
         unit=unit,
         score=lost[unit],
         stderr=None,
         value_before=before,
-        value_after=values[candidates[game.players.index(unit)]],
+        value_after=values[candidates[unit]],
         layer_evals=cost,
         scores=lost,
     )
@@ -321,13 +347,13 @@ def _shapley_step(
     shapley = dataclasses.replace(config.shapley, seed=config.shapley.seed + index, batch_size=config.batch_size, cache=config.cache)
     result = estimate_shapley(game, shapley, checkpoint=step_path, resume=resume, show_progress=show_progress)
     unit = result.ranking()[0]
-    after = [game.full & ~(1 << game.players.index(unit))]
+    after = [game.without(unit)]
     extra = game.cost(after)
     value_after = game.evaluate(after)[0]
     return PruneStep(
         unit=unit,
         score=result.values[unit],
-        stderr=_finite(result.stderr[unit]) if shapley.estimator != "exact" else None,
+        stderr=_finite(result.stderr[unit]) if result.sampled else None,
         value_before=result.v_full,
         value_after=value_after,
         layer_evals=result.layer_evals + extra,

@@ -1,15 +1,28 @@
-"""The metric registry: every importance metric, its definition and where it comes from."""
+"""The metric registry: every importance metric, its definition and where it comes from.
+
+A static metric carries its per-token function (all of them are computed in one pass by
+:mod:`depthprune.score.static`); an adaptive metric carries the function that computes it
+(``compute``), which ``score`` calls once for all the requested metrics that share it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from depthprune.errors import InputError
 from depthprune.registry import Registry
+from depthprune.units import UNIT_KINDS, Unit
+
+if TYPE_CHECKING:
+    from depthprune.data import TokenBatches
+    from depthprune.score import ScoreConfig
+    from depthprune.score.static import RunningStats
+    from depthprune.units import ModelLayout
 
 MetricKind = Literal["static", "adaptive"]
 # A static metric maps per-token pieces to a per-token value:
@@ -27,6 +40,60 @@ class TokenPieces:
 
 
 @dataclass(frozen=True)
+class AdaptiveRequest:
+    """What an adaptive metric's ``compute`` gets.
+
+    Attributes:
+        layout: The model and its family spec.
+        data: Calibration batches.
+        units: Every unit to score, in unit order.
+        config: The ``score`` settings (batch size, progress, and the metric's own settings).
+        tokenizer: The model's tokenizer, or ``None``.
+    """
+
+    layout: ModelLayout
+    data: TokenBatches
+    units: list[Unit]
+    config: ScoreConfig
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
+class MetricTables:
+    """What an adaptive metric's ``compute`` returns.
+
+    Attributes:
+        scores: ``{metric: {unit name: score}}``, in unit order.
+        stderr: ``{metric: {unit name: standard error or None}}``.
+        cost: Layer-evaluations spent, under names for ``meta.cost``.
+        definitions: ``definitions`` entries that replace the generic one of a metric.
+    """
+
+    scores: dict[str, dict[str, float | None]]
+    stderr: dict[str, dict[str, float | None]]
+    cost: dict[str, int] = field(default_factory=dict)
+    definitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(cls, stats: dict[tuple[str, Unit], RunningStats], metrics: Sequence[str], cost: dict[str, int]) -> MetricTables:
+        """Tables of the means and standard errors of ``{(metric, unit): RunningStats}``."""
+        scores, stderr = {}, {}
+        for m in metrics:
+            scores[m], stderr[m] = stats_table(stats, m)
+        return cls(scores, stderr, cost)
+
+
+# compute(request, metrics) -> tables of every metric in ``metrics`` (all share this compute).
+AdaptiveFn = Callable[[AdaptiveRequest, Sequence["Metric"]], MetricTables]
+
+
+def stats_table(stats: dict[tuple[str, Unit], RunningStats], metric: str) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """The means and standard errors of one metric's statistics, in unit order."""
+    items = sorted(((u, s) for (m, u), s in stats.items() if m == metric), key=lambda us: (us[0].index, UNIT_KINDS.index(us[0].kind)))
+    return {str(u): s.mean for u, s in items}, {str(u): (s.stderr if math.isfinite(s.stderr) else None) for u, s in items}
+
+
+@dataclass(frozen=True)
 class Metric:
     """One registered metric.
 
@@ -36,6 +103,8 @@ class Metric:
         definition: What the number is; higher always means more important.
         reference: The paper the metric comes from.
         token_fn: For static metrics, the per-token value.
+        compute: For adaptive metrics, what computes them (see :data:`AdaptiveFn`);
+            metrics that share it are computed together.
     """
 
     name: str
@@ -43,6 +112,7 @@ class Metric:
     definition: str
     reference: str
     token_fn: TokenFn | None = None
+    compute: AdaptiveFn | None = None
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -52,6 +122,8 @@ def register_metric(metric: Metric) -> Metric:
     """Add a metric to the registry."""
     if (metric.kind == "static") != (metric.token_fn is not None):
         raise ValueError(f"metric {metric.name!r}: static metrics, and only they, need a token_fn")
+    if (metric.kind == "adaptive") != (metric.compute is not None):
+        raise ValueError(f"metric {metric.name!r}: adaptive metrics, and only they, need a compute function")
     return METRICS.add(metric.name, metric)
 
 
@@ -129,6 +201,26 @@ def _angular_span(p: TokenPieces) -> torch.Tensor:
     return torch.arccos(p.cos.clamp(-1.0, 1.0)) / torch.pi
 
 
+# The compute functions import their modules when called: those modules import this one.
+
+
+def _leave_one_out(request: AdaptiveRequest, metrics: Sequence[Metric]) -> MetricTables:
+    from depthprune.score.adaptive import leave_one_out
+
+    names = [m.name for m in metrics]
+    config = request.config
+    stats, evals = leave_one_out(
+        request.layout, request.data, request.units, names, batch_size=config.batch_size, show_progress=config.show_progress
+    )
+    return MetricTables.from_stats(stats, names, {"loo_layer_evals": evals})
+
+
+def _shapley(request: AdaptiveRequest, metrics: Sequence[Metric]) -> MetricTables:
+    from depthprune.score.shapley.metric import compute_shapley
+
+    return compute_shapley(request, metrics)
+
+
 register_metric(
     Metric(
         "loo_loss",
@@ -136,6 +228,7 @@ register_metric(
         "increase of the calibration LM loss (mean token cross-entropy) when only this unit is masked; "
         "the paper's code calls this 'Shapley', but it is leave-one-out",
         DEEPER_LOOK,
+        compute=_leave_one_out,
     )
 )
 register_metric(
@@ -144,6 +237,7 @@ register_metric(
         "adaptive",
         "mean over tokens of KL(p_full || p_masked) of the next-token distribution when only this unit is masked",
         DEEPER_LOOK,
+        compute=_leave_one_out,
     )
 )
 register_metric(
@@ -154,5 +248,6 @@ register_metric(
         "attention and MLP sublayers) and whose value is the chosen value function (default: negative calibration "
         "loss) with the absent units masked; see 'estimator' and 'value' in this definition",
         DEEPER_LOOK,
+        compute=_shapley,
     )
 )
