@@ -177,3 +177,14 @@ def test_findings_stage_end_to_end_on_stories260k(
     assert isinstance(recipe.findings, FindingsSection)
     run_findings(lm.model, lm.tokenizer, data, load_scores(out / "scores.json"), recipe.findings, out / "findings", "m", recipe.tasks, False)
     assert calls == [] and json.loads((out / "findings" / "points.json").read_text()) == points
+
+
+def test_f1_leaves_out_an_accuracy_slice_too_small_to_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import depthprune.findings_doc as doc_mod
+
+    # 40 items at p=0.4: one standard error is 0.077; a spread of 0.1 between kinds is noise.
+    monkeypatch.setattr(doc_mod, "_accuracy_stderr", lambda spec, p: 0.0775 if spec == ACC else None)
+    text = _doc(tmp_path, f1=_f1((12.0, 0.30)))  # attention worst on the accuracy, cheapest on perplexity
+    assert "**Reproduced** (F1)" in text and "(not hellaswag" in text and "not resolved" in text
+    monkeypatch.setattr(doc_mod, "_accuracy_stderr", lambda spec, p: None)
+    assert "**Not reproduced** (F1)" in _doc(tmp_path, f1=_f1((12.0, 0.10)))

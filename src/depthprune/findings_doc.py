@@ -102,28 +102,47 @@ def _f1(found: Findings, out_dir: Path, lines: list[str], verdicts: list[str]) -
     for i, k in enumerate(f1["counts"]):
         rows.append([f"{k} ({k / f1['n_layers']:.0%})"] + [_fmt(_score(f1["curves"][kind][i], t)) for kind in kinds for t in tasks])
     lines += _table(header, rows)
-    # Verdict: at the largest fraction, is attention removal the cheapest on every task?
+    # Verdict: at the largest fraction, is attention removal the cheapest on every task
+    # whose differences this slice can resolve?
     last = {kind: f1["curves"][kind][-1] for kind in kinds}
     base = f1["curves"][kinds[0]][0]
     if "attn" in kinds and len(kinds) > 1:
-        cheapest = []
+        cheapest, unresolved = [], []
         for t in tasks:
             hib = _direction(base, t)
             cost = {kind: _worse_by(_score(last[kind], t), _score(base, t), hib) for kind in kinds}
-            cheapest.append(min(cost, key=cost.get) == "attn")
-            unit = "×" if not hib else " points"
-            lines.append(
-                f"- {_label(t)} at {max(f1['counts'])} units removed: "
-                + ", ".join(f"{kind} {cost[kind]:.3g}{unit} worse" if hib else f"{kind} {cost[kind]:.3g}{unit}" for kind in kinds)
-                + (" (perplexity ratio to the unpruned model)" if not hib else " (drop from the unpruned model)")
-            )
+            noise = _accuracy_stderr(t, _score(base, t)) if hib else None
+            spread = max(cost.values()) - min(cost.values())
+            resolved = noise is None or spread > 2 * noise
+            if resolved:
+                cheapest.append(min(cost, key=cost.get) == "attn")
+            else:
+                unresolved.append(_label(t))
+            if hib:
+                parts = [f"{kind} {abs(cost[kind]):.3g} points {'worse' if cost[kind] >= 0 else 'better'}" for kind in kinds]
+            else:
+                parts = [f"{kind} {cost[kind]:.3g}×" for kind in kinds]
+            note = " (perplexity ratio to the unpruned model)" if not hib else " than the unpruned model"
+            if noise is not None and not resolved:
+                note += f"; the spread is within 2 standard errors (±{noise:.3f}) of this slice: not resolved"
+            lines.append(f"- {_label(t)} at {max(f1['counts'])} units removed: " + ", ".join(parts) + note)
         lines.append("")
-        ok = all(cheapest)
+        ok = bool(cheapest) and all(cheapest)
+        scope = "every task it can resolve" + (f" (not {', '.join(unresolved)})" if unresolved else "")
         verdicts.append(
-            ("**Reproduced**" if ok else "**Not reproduced**")
+            ("**Reproduced**" if ok else "**Not reproduced**" if cheapest else "**Not resolved**")
             + f" (F1): removing {max(f1['counts'])} attention sublayers is "
-            + ("the cheapest of the unit kinds on every task." if ok else "not the cheapest unit kind on every task; see the F1 table.")
+            + ("the cheapest of the unit kinds on " + scope + "." if ok else "not the cheapest unit kind on " + scope + "; see the F1 table.")
         )
+
+
+def _accuracy_stderr(spec: str, p: float) -> float | None:
+    """The binomial standard error of an accuracy on the items a task spec scores, or
+    ``None`` when the spec does not say how many."""
+    from depthprune.evaluate import parse_task
+
+    n = getattr(parse_task(spec).config, "limit", None)
+    return math.sqrt(max(p * (1 - p), 1e-12) / n) if n else None
 
 
 def _static(found: Findings, out_dir: Path, lines: list[str], verdicts: list[str], tasks: list[str]) -> None:
