@@ -78,10 +78,10 @@ def test_scores_cover_all_90_units_with_known_answers(scores: dict[str, Any]) ->
         assert all(math.isfinite(v) for v in table[metric].values()), metric
     assert all(0.0 <= v <= 2.0 for v in table["cosine"].values())
     assert all(0.0 <= v <= 1.0 for v in table["angular"].values())
-    # cosine and angular are monotone functions of the same cos(h_in, h_out).
-    for kind in ("block", "attn", "mlp"):
-        cos, ang = _by_kind(table["cosine"], kind), _by_kind(table["angular"], kind)
-        assert sorted(cos, key=cos.get) == sorted(ang, key=ang.get), kind
+    # Per token, angular = arccos(1 - cosine) / pi >= cosine / pi, and the inequality holds
+    # for the means too (arccos(1 - x) >= x on [0, 2]).
+    for unit, c in table["cosine"].items():
+        assert table["angular"][unit] >= c / math.pi - 1e-9, unit
     # Known answers of this model: its first block (and first MLP) rewrites the embedding
     # almost entirely, and removing it destroys the model.
     for metric in ("cosine", "loo_loss"):
