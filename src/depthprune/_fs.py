@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from depthprune.errors import InputError, OutputExistsError
+from depthprune.errors import CheckpointError, InputError, OutputExistsError
 
 
 def check_output(out: str | os.PathLike[str], force: bool) -> Path:
@@ -89,6 +89,27 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = Tru
             os.unlink(tmp)
         raise
     return target
+
+
+def read_checkpoint(path: Path, kind: str, what: str, hint: str) -> dict[str, Any]:
+    """Read a checkpoint that depthprune wrote, checking that it is one of ``kind``.
+
+    Args:
+        path: The checkpoint file.
+        kind: The ``"kind"`` its writer recorded.
+        what: What it is, for messages (``"Shapley checkpoint"``).
+        hint: How to give another one, appended when it is of another kind.
+
+    Raises:
+        CheckpointError: the file is not JSON, or not a checkpoint of ``kind``.
+    """
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not valid JSON ({exc}); delete it to start over") from None
+    if not isinstance(doc, dict) or doc.get("kind") != kind:
+        raise CheckpointError(f"{str(path)!r} is not a depthprune {what}; {hint}")
+    return doc
 
 
 def read_json(path: str | os.PathLike[str], what: str, hint: str) -> Any:

@@ -284,7 +284,7 @@ def measure_f3(
 
     for name in s.emulate_units:
         unit = Unit.parse(name)
-        key = cache.key([unit], "f3:" + ",".join([*s.emulate_methods, *(f"learned-{x}" for x in s.learned)]), tasks)
+        stand_ins = "f3:" + ",".join([*s.emulate_methods, *(f"learned-{x}" for x in s.learned)])
 
         def measure(unit: Unit = unit) -> dict[str, Any]:
             config = CompareConfig(
@@ -294,7 +294,7 @@ def measure_f3(
             result = compare_recovery(model, [unit], fit, held_out, config, evaluator=evaluator)
             return {"baseline_loss": result.baseline_loss, "rows": [r for r in result.rows if r["removed"] == 1]}
 
-        out["units"][name] = cache.get_or_measure([unit], key, tasks, measure)
+        out["units"][name] = cache.get_or_measure([unit], stand_ins, tasks, measure)
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import write_json_atomic
+from depthprune._fs import read_checkpoint, write_json_atomic
 from depthprune.errors import CheckpointError, InputError, check_choice
 from depthprune.progress import counter
 from depthprune.score.registry import DEEPER_LOOK
@@ -304,12 +304,7 @@ def iterative_prune(
 
 
 def _read_checkpoint(path: Path, identity: dict[str, Any]) -> list[PruneStep]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not valid JSON ({exc}); delete it to start over") from None
-    if not isinstance(doc, dict) or doc.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{str(path)!r} is not a depthprune iterative checkpoint; give another checkpoint path")
+    doc = read_checkpoint(path, CHECKPOINT_KIND, "iterative checkpoint", "give another checkpoint path")
     for key, want in identity.items():
         if doc.get("identity", {}).get(key) != want:
             raise CheckpointError(

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import write_json_atomic
+from depthprune._fs import read_checkpoint, write_json_atomic
 from depthprune.errors import CheckpointError, InputError, check_choice
 from depthprune.progress import counter
 from depthprune.score.shapley.config import ShapleyConfig
@@ -199,12 +199,7 @@ def _identity(game: Game[Any], estimator: Estimator[Any, Any]) -> dict[str, Any]
 
 
 def _read_checkpoint(path: Path, identity: dict[str, Any], estimator: Estimator[Any, Any]) -> RunState:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not valid JSON ({exc}); delete it to start over") from None
-    if not isinstance(doc, dict) or doc.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{str(path)!r} is not a depthprune Shapley checkpoint; give another --checkpoint path")
+    doc = read_checkpoint(path, CHECKPOINT_KIND, "Shapley checkpoint", "give another --checkpoint path")
     saved = doc.get("identity", {})
     # The game's own keys first, so a message names e.g. "players", not the whole game.
     pairs = [(f"game {k}", saved.get("game", {}).get(k), v) for k, v in identity["game"].items()]
