@@ -20,6 +20,10 @@ class InputError(DepthPruneError, ValueError):
     """A value given by the user is malformed or out of range."""
 
 
+class UsageError(DepthPruneError, ValueError):
+    """A command line that the argument parser refuses (unknown flag, bad number, ...)."""
+
+
 class ModelLoadError(DepthPruneError, ValueError):
     """A model path or id could not be loaded as a decoder LLM."""
 
