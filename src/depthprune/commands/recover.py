@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> None:
     from depthprune.plan import plan_units, read_plan
     from depthprune.recover.compare import CompareConfig, compare_recovery, comparison_table, split_heldout, write_comparison
     from depthprune.recover.emulate import DEFAULT_RIDGE
-    from depthprune.units import parse_units
+    from depthprune.units import parse_unit_list
 
     if bool(args.plan) == bool(args.remove):
         raise InputError("give the ranking with exactly one of --plan plan.json and --remove u1,u2,...")
@@ -78,8 +78,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.plan:
         units = [u for u, _ in plan_units(read_plan(args.plan), n_layers, where=f"plan file {args.plan!r}")]
     else:
-        # parse_units sorts; the ranking keeps the order given.
-        units = [parse_units([name], n_layers)[0] for name in _csv(args.remove)]
+        units = parse_unit_list(args.remove, n_layers)  # the ranking keeps the order given
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     data = load_calibration(
         args.data,
