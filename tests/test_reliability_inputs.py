@@ -1,0 +1,256 @@
+"""Issue 13, part A: bad inputs that used to give wrong results or tracebacks.
+
+Each case runs the CLI's ``main`` and checks the promise of the README: exit code 2, one
+line on stderr, no traceback, nothing written. The classes are those of the issue:
+1 (weights that do not match the config), 2 (pickles), 5 (recipes), 6 (scores and plans
+of another model), 7 (duplicates, encodings, usage errors, devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from depthprune.cli import main
+from depthprune.errors import ModelLoadError
+
+CALIB = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 40
+
+
+def _save(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rel")
+
+
+@pytest.fixture(scope="module")
+def llama(root: Path) -> Path:
+    """A tiny 4-layer Llama folder with a tokenizer."""
+    return _save(tiny_model("llama"), root / "llama")
+
+
+@pytest.fixture(scope="module")
+def calib(root: Path) -> Path:
+    path = root / "calib.txt"
+    path.write_text(CALIB, encoding="utf-8")
+    return path
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """Run the CLI; assert exit 2, one stderr line holding ``needles``, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("depthprune: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+
+
+def _copy_with_config(src: Path, dst: Path, **config: Any) -> Path:
+    """A copy of a model folder whose config.json has ``config`` changed."""
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "config.json").read_text())
+    doc.update(config)
+    (dst / "config.json").write_text(json.dumps(doc))
+    return dst
+
+
+# --------------------------------------------------------------------------- class 1
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        # More layers than the weights hold: transformers would initialise two at random.
+        ({"num_hidden_layers": 6}, "missing from the weights"),
+        # Fewer: two layers of weights would be dropped without a word.
+        ({"num_hidden_layers": 2}, "in the weights but not in the model"),
+        ({"intermediate_size": 48}, "of another shape"),
+    ],
+)
+def test_weights_that_do_not_match_the_config_are_refused(
+    change: dict[str, int], needle: str, llama: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _copy_with_config(llama, tmp_path / "bad", **change)
+    out = tmp_path / "scores.json"
+    argv = ["score", str(bad), "--data", str(calib), "--samples", "2", "--seq-len", "8", "--metrics", "cosine", "-o", str(out)]
+    _fails(argv, capsys, "do not match its config.json", needle)
+    _no_output(out)
+    out = tmp_path / "pruned"
+    _fails(["prune", str(bad), "--remove", "block.1", "-o", str(out)], capsys, "do not match its config.json")
+    _no_output(out)
+
+
+def test_eval_and_load_refuse_mismatched_weights(llama: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import depthprune
+
+    bad = _copy_with_config(llama, tmp_path / "bad", num_hidden_layers=6)
+    _fails(["eval", str(bad), "--task", f"ppl:{calib},seq_len=8"], capsys, "missing from the weights")
+    with pytest.raises(ModelLoadError, match="missing from the weights"):
+        depthprune.load(bad)
+
+
+def test_tied_embeddings_are_not_missing(tmp_path: Path) -> None:
+    """lm_head tied to the token embedding is stored once; that is not a missing weight."""
+    from depthprune.loading import load_model
+
+    folder = _save(tiny_model("llama", tie_word_embeddings=True), tmp_path / "tied")
+    lm = load_model(folder)
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+
+
+# --------------------------------------------------------------------------- class 2
+
+
+class _Payload:
+    """Unpickling this runs ``os.system``: a stand-in for a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile_pickle(path: Path, marker: Path) -> Path:
+    with path.open("wb") as fh:
+        pickle.dump({"model.embed_tokens.weight": _Payload(marker)}, fh)
+    return path
+
+
+def test_the_hostile_pickle_is_live(tmp_path: Path) -> None:
+    """The payload below does run code when unpickled, so its absence means something."""
+    marker = tmp_path / "ran"
+    path = _hostile_pickle(tmp_path / "p.bin", marker)
+    pickle.loads(path.read_bytes())  # our own file
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"])
+def test_pickle_weights_are_refused_unread(
+    name: str, llama: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "pickled"
+    shutil.copytree(llama, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    _hostile_pickle(folder / name, marker)
+    out = tmp_path / "out"
+    _fails(["prune", str(folder), "--remove", "block.1", "-o", str(out)], capsys, "pickle weights", name, "safetensors")
+    _fails(
+        ["score", str(folder), "--data", str(calib), "--samples", "2", "--seq-len", "8", "-o", str(tmp_path / "s.json")],
+        capsys,
+        "pickle weights",
+    )
+    assert not marker.exists()
+    _no_output(out)
+
+
+def test_sharded_pickle_index_is_refused(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "sharded"
+    shutil.copytree(llama, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    _hostile_pickle(folder / "pytorch_model-00001-of-00001.bin", marker)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {}}))
+    _fails(["prune", str(folder), "--remove", "block.1", "-o", str(tmp_path / "out")], capsys, "pickle weights")
+    assert not marker.exists()
+
+
+def test_safetensors_beside_a_pickle_are_loaded_and_the_pickle_never_read(llama: Path, tmp_path: Path) -> None:
+    import depthprune
+    from depthprune.loading import load_model
+
+    folder = tmp_path / "both"
+    shutil.copytree(llama, folder)
+    marker = tmp_path / "ran"
+    _hostile_pickle(folder / "pytorch_model.bin", marker)
+    lm = load_model(folder)
+    assert lm.n_layers == 4
+    depthprune.load(folder)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- class 7
+
+
+def test_duplicate_units_are_refused(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _fails(["prune", str(llama), "--remove", "block.1,block.1", "-o", str(out)], capsys, "block.1 is given twice")
+    _no_output(out)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_latin1_calibration_file(suffix: str, llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / f"latin1{suffix}"
+    head = '{"text": "caf' if suffix == ".jsonl" else "caf"
+    data.write_bytes(head.encode() + "é au lait\"}\n".encode("latin-1"))
+    out = tmp_path / "scores.json"
+    line = _fails(
+        ["score", str(llama), "--data", str(data), "--samples", "2", "--seq-len", "8", "-o", str(out)],
+        capsys,
+        str(data),
+        "not UTF-8",
+        f"offset {len(head)}",
+    )
+    assert "0xe9" in line
+    _no_output(out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["score", "m", "--data", "d", "-o", "o", "--samples", "abc"], "argument --samples: invalid int value: 'abc'"),
+        (["prune", "m", "--remove", "block.1", "-o", "o", "--bogus"], "unrecognized arguments: --bogus"),
+        (["prune", "m", "--remove", "block.1"], "the following arguments are required: -o/--output"),
+        (["prune", "m", "--format", "gguf", "-o", "o"], "invalid choice: 'gguf'"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+        (["plan"], "the following arguments are required"),
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _fails(argv, capsys, needle)
+    assert "--help" in line
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [
+        ("gpu", "is not a torch device"),
+        ("cuda:7", "is not available on this machine"),
+        ("cuda", "is not available on this machine"),
+    ],
+)
+def test_device_is_checked_once(
+    device: str, needle: str, llama: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available() and (device == "cuda" or torch.cuda.device_count() > 7):
+        pytest.skip("this machine has that device")
+    out = tmp_path / "scores.json"
+    argv = ["score", str(llama), "--data", str(calib), "--samples", "2", "--seq-len", "8", "--device", device, "-o", str(out)]
+    _fails(argv, capsys, f"device {device!r}", needle)
+    _no_output(out)
+    run = tmp_path / "run"
+    _fails(["run", "--model", str(llama), "--data", str(calib), "--device", device, "-o", str(run)], capsys, needle)
+    _no_output(run)
