@@ -254,3 +254,68 @@ def test_device_is_checked_once(
     run = tmp_path / "run"
     _fails(["run", "--model", str(llama), "--data", str(calib), "--device", device, "-o", str(run)], capsys, needle)
     _no_output(run)
+
+
+# --------------------------------------------------------------------------- class 5
+
+
+def _recipe(model: Path, calib: Path, **over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "model": str(model),
+        "data": {"source": str(calib), "samples": 2, "seq_len": 8},
+        "score": {"metrics": ["cosine"], "units": ["block", "attn"]},
+        "plan": {"metric": "cosine", "units": "block", "remove": 1},
+        "sweep": {"metrics": ["cosine"], "units": "block", "max_remove": 1},
+    }
+    for key, value in over.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("over", "needles"),
+    [
+        ({"data": {"samples": "many"}}, ["data.samples", "'many'", "expected a valid integer"]),
+        ({"plan": {"remove": "two"}}, ["plan.remove", "'two'", "expected a valid number"]),
+        ({"data": {"samples": 0}}, ["data.samples", "is 0", "greater than or equal to 1"]),
+        ({"data": {"seq_len": "32"}}, ["data.seq_len", "'32'"]),
+        ({"plan": {"remove": 1.5}}, ["plan.remove", "1.5", "a count (a whole number >= 1) or a fraction in (0, 1)"]),
+        ({"sweep": {"units": ["blok"]}}, ["sweep.units", "'blok'"]),
+        ({"recover": "lowrank"}, ["recover", "'lowrank'", "lowrank:R"]),
+        ({"report": "yes"}, ["report", "'yes'", "boolean"]),
+        ({"findings": {"max_fractio": 0.3}}, ["unknown key 'max_fractio' in findings", "Did you mean: max_fraction?"]),
+        # Known only once the model's config is read: checked before the run folder exists.
+        ({"sweep": {"max_remove": 9}}, ["max_remove 9 is more than the model's 4 block units"]),
+        ({"sweep": {"units": "attn", "max_remove": 5}}, ["max_remove 5 is more than the model's 4 attn units"]),
+        ({"sweep": {"max_remove": 4}}, ["would remove every block of 4"]),
+        ({"plan": {"remove": 4}}, ["plan.remove 4 block units cannot be met", "at most 3"]),
+        ({"plan": {"remove": 3, "keep_first": 2}}, ["plan.remove 3 block units cannot be met", "at most 2"]),
+    ],
+)
+def test_bad_recipes_are_refused_before_anything_is_written(
+    over: dict[str, Any], needles: list[str], llama: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(llama, calib, **over)), encoding="utf-8")
+    out = tmp_path / "run"
+    _fails(["run", str(path), "-o", str(out)], capsys, *needles)
+    _no_output(out)
+
+
+def test_recipe_that_is_not_utf8(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "recipe.yaml"
+    head = f"model: {llama}\ndata: {{source: caf"
+    path.write_bytes(head.encode() + "é.txt}\n".encode("latin-1"))
+    out = tmp_path / "run"
+    _fails(["run", str(path), "-o", str(out)], capsys, str(path), "not UTF-8", f"offset {len(head.encode())}")
+    _no_output(out)
+
+
+def test_a_good_recipe_keeps_its_values(llama: Path, calib: Path) -> None:
+    from depthprune.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_recipe(llama, calib, sweep={"units": ["attn", "mlp"], "max_remove": 0.5}))
+    assert (recipe.data.samples, recipe.plan.remove, recipe.sweep.units, recipe.sweep.max_remove) == (2, 1, ["attn", "mlp"], 0.5)
+    assert recipe.to_dict()["data"] == {"source": str(calib), "samples": 2, "seq_len": 8, "seed": 0, "text_field": "text"}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict
 from torch import nn
 
 from depthprune._fs import write_json_atomic
@@ -70,6 +71,9 @@ class FindingsSection:
         doc: Also copy ``findings.md`` and its figures here (e.g. ``docs/findings.md``).
         command: The command that reproduces the run, quoted in the document.
     """
+
+    # A recipe's findings: mapping is validated by pydantic (depthprune.recipe); no unknown keys.
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     tasks: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=lambda: ["block", "attn", "mlp"])

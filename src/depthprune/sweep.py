@@ -52,6 +52,7 @@ __all__ = [
     "parse_budget",
     "parse_kinds",
     "plot_sweep",
+    "removal_counts",
     "removal_order",
     "sweep",
     "sweep_png_name",
@@ -256,14 +257,22 @@ def _load_previous(path: Path, settings: dict[str, Any], model: str) -> dict[str
     return doc.get("points", {})
 
 
-def _removal_counts(config: SweepConfig, n_layers: int) -> dict[str, int]:
-    """K per kind, checked against the model."""
+def removal_counts(config: SweepConfig, n_layers: int) -> dict[str, int]:
+    """K per kind, checked against a model of ``n_layers`` layers (``run`` checks it first).
+
+    Raises:
+        InputError: K is 0, more than the kind's units, or every block.
+    """
     counts = {}
     for kind in config.units:
         k = config.n_remove(n_layers)
         if k < 1:
             raise InputError(
                 f"max_remove {config.max_remove} of {n_layers} {kind} units removes none; give a larger fraction or a count"
+            )
+        if k > n_layers:
+            raise InputError(
+                f"max_remove {config.max_remove} is more than the model's {n_layers} {kind} units; give at most {n_layers}"
             )
         if kind == "block" and k >= n_layers:
             raise InputError(f"--max-remove {config.max_remove} would remove every block of {n_layers}")
@@ -298,7 +307,7 @@ def sweep(
     n_layers = int(scores.get("n_layers", 0)) or None
     if n_layers is None:
         raise InputError("scores file has no n_layers; write it with `depthprune score`")
-    counts = _removal_counts(config, n_layers)
+    counts = removal_counts(config, n_layers)
     orders: dict[str, dict[str, list[str]]] = {}
     for kind in config.units:
         orders[kind] = {m: removal_order(scores, m, kind, n_layers)[: counts[kind]] for m in config.metrics}

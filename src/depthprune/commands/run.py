@@ -55,7 +55,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import dataclasses
     import json
 
     from depthprune.errors import InputError
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("give a recipe file, or at least --model and --data")
     recipe = recipe_from_dict(_merge(base, _overrides(args)))
     if args.dry_run:
-        print(json.dumps(dataclasses.asdict(recipe), indent=2))
+        print(json.dumps(recipe.to_dict(), indent=2))
         return
 
     execute(recipe, args.output, args.quiet)
