@@ -448,7 +448,7 @@ def test_prune_needs_exactly_one_of_remove_and_plan(
         ([{"unit": "block.1", "replace": "bias"}], {}, ("block.1 -> bias", "must be fitted on calibration data", "--data")),
         ([{"unit": "attn.1", "replace": "lowrank:0"}], {}, ("lowrank:0",)),
         ([{"unit": f"block.{i}"} for i in range(4)], {}, ("cannot remove every block",)),
-        ([{"unit": "block.1"}], {"n_layers": 6}, ("made for a model with 6 layers", "this one has 4")),
+        ([{"unit": "block.1"}], {"n_layers": 6}, ("made for a model with 6 layers", "with 4 layers")),
     ],
 )
 def test_prune_plan_errors(

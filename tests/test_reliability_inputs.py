@@ -319,3 +319,88 @@ def test_a_good_recipe_keeps_its_values(llama: Path, calib: Path) -> None:
     recipe = recipe_from_dict(_recipe(llama, calib, sweep={"units": ["attn", "mlp"], "max_remove": 0.5}))
     assert (recipe.data.samples, recipe.plan.remove, recipe.sweep.units, recipe.sweep.max_remove) == (2, 1, ["attn", "mlp"], 0.5)
     assert recipe.to_dict()["data"] == {"source": str(calib), "samples": 2, "seq_len": 8, "seed": 0, "text_field": "text"}
+
+
+# --------------------------------------------------------------------------- class 6
+
+
+@pytest.fixture(scope="module")
+def made_for_llama(llama: Path, calib: Path, root: Path) -> tuple[Path, Path]:
+    """scores.json and plan.json made from the tiny Llama."""
+    scores, plan = root / "scores.json", root / "plan.json"
+    common = ["--data", str(calib), "--samples", "2", "--seq-len", "8", "-q"]
+    assert main(["score", str(llama), *common, "--metrics", "cosine", "--units", "block,attn", "-o", str(scores)]) == 0
+    assert main(["plan", str(scores), "--metric", "cosine", "--units", "block", "--remove", "1", "-o", str(plan)]) == 0
+    return scores, plan
+
+
+@pytest.fixture(scope="module")
+def other_llama(root: Path) -> Path:
+    """Another 4-layer Llama: same unit names, another config (narrower MLP)."""
+    return _save(tiny_model("llama", intermediate_size=48), root / "other")
+
+
+@pytest.fixture(scope="module")
+def deeper_llama(root: Path) -> Path:
+    return _save(tiny_model("llama", num_hidden_layers=6), root / "deeper")
+
+
+def test_scores_and_plans_record_the_model(made_for_llama: tuple[Path, Path], llama: Path) -> None:
+    from depthprune.identity import config_sha256
+    from depthprune.loading import load_config
+
+    want = config_sha256(load_config(str(llama))[0])
+    for path in made_for_llama:
+        doc = json.loads(path.read_text())
+        assert doc["config_sha256"] == want and doc["n_layers"] == 4
+
+
+def test_config_fingerprint_ignores_how_the_model_was_loaded(llama: Path) -> None:
+    from depthprune.identity import config_sha256
+    from depthprune.loading import load_config, load_model
+
+    on_disk = config_sha256(load_config(str(llama))[0])
+    loaded = load_model(llama, dtype="bfloat16", attn_implementation="eager", load_tokenizer=False)
+    assert config_sha256(loaded.model.config) == on_disk
+    assert config_sha256({**loaded.model.config.to_diff_dict(), "hidden_size": 64}) != on_disk
+
+
+@pytest.mark.parametrize("other", ["other_llama", "deeper_llama"])
+def test_inputs_made_for_another_model_are_refused(
+    other: str, made_for_llama: tuple[Path, Path], calib: Path, tmp_path: Path, request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scores, plan = made_for_llama
+    model = str(request.getfixturevalue(other))
+    needles = ["was made for", "not for", model, "layers"]
+    out = tmp_path / "pruned"
+    _fails(["prune", model, "--plan", str(plan), "-o", str(out)], capsys, f"plan file {str(plan)!r}", *needles)
+    _no_output(out)
+    out = tmp_path / "sweep"
+    sweep = ["sweep", model, "--scores", str(scores), "--metrics", "cosine", "--max-remove", "1"]
+    _fails([*sweep, "--tasks", f"ppl:{calib},seq_len=8", "-o", str(out)], capsys, "the scores", *needles)
+    _no_output(out)
+    out = tmp_path / "cmp.json"
+    compare = ["recover-compare", model, "--plan", str(plan), "--data", str(calib), "--n-fit", "2", "--n-eval", "1"]
+    _fails([*compare, "--seq-len", "8", "-o", str(out)], capsys, "was made for", model)
+    _no_output(out)
+
+
+def test_inputs_made_for_this_model_are_accepted(made_for_llama: tuple[Path, Path], llama: Path, tmp_path: Path) -> None:
+    _, plan = made_for_llama
+    assert main(["prune", str(llama), "--plan", str(plan), "-o", str(tmp_path / "pruned"), "-q"]) == 0
+
+
+def test_old_and_hand_written_documents(llama: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Documents without config_sha256 are checked on their layer count; old scores warn."""
+    from depthprune.errors import InputError
+    from depthprune.identity import check_made_for
+    from depthprune.loading import load_config
+
+    config = load_config(str(llama))[0]
+    check_made_for({"remove": ["block.1"]}, config, 4, "plan", "m", "fix")  # by hand: nothing to say
+    assert caplog.records == []
+    check_made_for({"model": "m", "n_layers": 4, "scores": {}}, config, 4, "scores", "m", "rescore")
+    assert "records no config_sha256" in caplog.text
+    with pytest.raises(InputError, match="made for 'm', a model with 5 layers"):
+        check_made_for({"model": "m", "n_layers": 5, "scores": {}}, config, 4, "scores", "m", "rescore")

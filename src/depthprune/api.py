@@ -19,6 +19,7 @@ from depthprune.data import (
 )
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
+from depthprune.identity import check_made_for
 from depthprune.loading import LoadConfig, load_config, load_model
 from depthprune.nemotron_nas import check_family, refuse_emulators
 from depthprune.plan import check_replace, plan_units, read_plan
@@ -145,6 +146,9 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     spec = spec_for_config(config)
     n_layers = spec.num_layers(config)
     if plan_doc is not None:
+        check_made_for(
+            plan_doc, config, n_layers, f"plan file {str(prune.plan)!r}", load.model, "make the plan from this model's scores"
+        )
         entries = plan_units(plan_doc, n_layers, where=f"plan file {str(prune.plan)!r}")
     else:
         entries = [(u, "none") for u in prune.remove]

@@ -278,7 +278,11 @@ def measure_f3(
     if not s.emulate_units:
         return {}
     from depthprune.evaluate import evaluate
-    from depthprune.recover.compare import CompareConfig, compare_recovery, split_heldout
+    from depthprune.recover.compare import (
+        CompareConfig,
+        compare_recovery,
+        split_heldout,
+    )
 
     fit, held_out = split_heldout(data, min(s.eval_samples, len(data.input_ids) - 1))
     out: dict[str, Any] = {"fit": fit.info.to_dict(), "eval": held_out.info.to_dict(), "units": {}}
@@ -333,6 +337,10 @@ def run_findings(
     if not tasks:
         raise InputError("findings need tasks: set findings.tasks or the recipe's tasks")
     static_tasks = list(section.static_tasks or tasks)
+    from depthprune.architectures import num_layers
+    from depthprune.identity import check_made_for
+
+    check_made_for(scores, model.config, num_layers(model.config), "the scores", model_name, "score this model first")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_layers = int(scores["n_layers"])
     cache = PointCache(out_dir / POINTS_FILE)

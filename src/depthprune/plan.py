@@ -4,12 +4,14 @@ A plan is reviewable data. ``plan.json`` lists the units to remove (original ind
 removal order, least important first, with what replaces each one and where the choice
 came from::
 
-    {"version": "0.1.0", "model": "...", "n_layers": 32,
+    {"version": "0.1.0", "model": "...", "n_layers": 32, "config_sha256": "...",
      "remove": [{"unit": "block.25", "replace": "none", "score": 0.0123, "rank": 0}, ...],
      "provenance": {"metric": "cosine", "units": "block", "budget": 4, "keep_first": 0,
                     "keep_last": 1, "scores_sha256": "...", "calibration": {...}}}
 
-A hand-written plan needs only ``{"remove": [{"unit": "block.3"}, ...]}``.
+A hand-written plan needs only ``{"remove": [{"unit": "block.3"}, ...]}``. ``n_layers`` and
+``config_sha256`` (:func:`depthprune.identity.config_sha256` of the scored model's config)
+name the model a plan was made for; ``prune`` refuses a plan made for another model.
 
 Scores follow one convention: a higher score means a more important unit, so a plan
 removes the lowest-scoring candidates.
@@ -132,7 +134,7 @@ def _metric_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- making plans
 
 
-def _budget_count(budget: int | float, n_candidates: int) -> int:
+def _budget_count(budget: float, n_candidates: int) -> int:
     if isinstance(budget, int):
         return budget
     # Round half up, not Python's round-half-to-even: 0.5 of 5 units is 3, not 2.
@@ -234,6 +236,8 @@ def make_plan(scores: dict[str, Any], config: PlanConfig) -> dict[str, Any]:
         "version": __version__,
         "model": scores["model"],
         "n_layers": n_layers,
+        # The model the scores were made for (depthprune.identity), checked by `prune --plan`.
+        "config_sha256": scores.get("config_sha256"),
         "remove": remove,
         "provenance": provenance,
     }

@@ -37,7 +37,9 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import write_json_atomic
+from depthprune.architectures import num_layers
 from depthprune.errors import InputError, check_choice
+from depthprune.identity import check_made_for
 from depthprune.progress import counter
 from depthprune.units import UNIT_KINDS, Unit, mask_units
 
@@ -80,7 +82,7 @@ def parse_kinds(units: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(k for k in UNIT_KINDS if k in kinds)
 
 
-def parse_budget(value: int | float | str) -> int | float:
+def parse_budget(value: float | str) -> int | float:
     """A removal budget: a whole number >= 1 is a count of units of each kind; a number
     in (0, 1) is a fraction of each kind's units.
 
@@ -307,6 +309,7 @@ def sweep(
     n_layers = int(scores.get("n_layers", 0)) or None
     if n_layers is None:
         raise InputError("scores file has no n_layers; write it with `depthprune score`")
+    check_made_for(scores, model.config, num_layers(model.config), "the scores", model_name or "this model", "score this model first")
     counts = removal_counts(config, n_layers)
     orders: dict[str, dict[str, list[str]]] = {}
     for kind in config.units:

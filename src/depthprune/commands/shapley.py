@@ -118,7 +118,14 @@ def _shapley_config(args: argparse.Namespace) -> Any:
 
 def run_shapley(args: argparse.Namespace) -> None:
     from depthprune._fs import check_output
-    from depthprune.score import ScoreResult, get_metric, shapley_definition, shapley_tables, write_scores
+    from depthprune.identity import config_sha256
+    from depthprune.score import (
+        ScoreResult,
+        get_metric,
+        shapley_definition,
+        shapley_tables,
+        write_scores,
+    )
     from depthprune.score.shapley import shapley_units, unit_games
     from depthprune.units import ModelLayout
 
@@ -147,6 +154,7 @@ def run_shapley(args: argparse.Namespace) -> None:
         definitions={"shapley": shapley_definition(get_metric("shapley"), results)},
         seed=args.seed,
         cost={f"shapley_{name}_layer_evals": r.layer_evals for name, r in results.items()},
+        config_sha256=config_sha256(loaded.model.config),
     )
     write_scores(result, args.output, force=args.force)
     for name, r in results.items():
