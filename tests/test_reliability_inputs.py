@@ -285,7 +285,7 @@ def _recipe(model: Path, calib: Path, **over: Any) -> dict[str, Any]:
         ({"report": "yes"}, ["report", "'yes'", "boolean"]),
         ({"findings": {"max_fractio": 0.3}}, ["unknown key 'max_fractio' in findings", "Did you mean: max_fraction?"]),
         # Known only once the model's config is read: checked before the run folder exists.
-        ({"sweep": {"max_remove": 9}}, ["max_remove 9 is more than the model's 4 block units"]),
+        ({"sweep": {"max_remove": 9}}, ["max_remove 9 is more than the model's 4 block units", "at most 3"]),
         ({"sweep": {"units": "attn", "max_remove": 5}}, ["max_remove 5 is more than the model's 4 attn units"]),
         ({"sweep": {"max_remove": 4}}, ["would remove every block of 4"]),
         ({"plan": {"remove": 4}}, ["plan.remove 4 block units cannot be met", "at most 3"]),
@@ -378,7 +378,7 @@ def test_inputs_made_for_another_model_are_refused(
     _no_output(out)
     out = tmp_path / "sweep"
     sweep = ["sweep", model, "--scores", str(scores), "--metrics", "cosine", "--max-remove", "1"]
-    _fails([*sweep, "--tasks", f"ppl:{calib},seq_len=8", "-o", str(out)], capsys, "the scores", *needles)
+    _fails([*sweep, "--tasks", f"ppl:{calib},seq_len=8", "-o", str(out)], capsys, "the scores file", *needles)
     _no_output(out)
     out = tmp_path / "cmp.json"
     compare = ["recover-compare", model, "--plan", str(plan), "--data", str(calib), "--n-fit", "2", "--n-eval", "1"]

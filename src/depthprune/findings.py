@@ -340,7 +340,7 @@ def run_findings(
     from depthprune.architectures import num_layers
     from depthprune.identity import check_made_for
 
-    check_made_for(scores, model.config, num_layers(model.config), "the scores", model_name, "score this model first")
+    check_made_for(scores, model.config, num_layers(model.config), "the scores file", model_name, "score this model first")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_layers = int(scores["n_layers"])
     cache = PointCache(out_dir / POINTS_FILE)

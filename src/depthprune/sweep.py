@@ -273,8 +273,9 @@ def removal_counts(config: SweepConfig, n_layers: int) -> dict[str, int]:
                 f"max_remove {config.max_remove} of {n_layers} {kind} units removes none; give a larger fraction or a count"
             )
         if k > n_layers:
+            most = n_layers - 1 if kind == "block" else n_layers
             raise InputError(
-                f"max_remove {config.max_remove} is more than the model's {n_layers} {kind} units; give at most {n_layers}"
+                f"max_remove {config.max_remove} is more than the model's {n_layers} {kind} units; give at most {most}"
             )
         if kind == "block" and k >= n_layers:
             raise InputError(f"--max-remove {config.max_remove} would remove every block of {n_layers}")
@@ -309,7 +310,7 @@ def sweep(
     n_layers = int(scores.get("n_layers", 0)) or None
     if n_layers is None:
         raise InputError("scores file has no n_layers; write it with `depthprune score`")
-    check_made_for(scores, model.config, num_layers(model.config), "the scores", model_name or "this model", "score this model first")
+    check_made_for(scores, model.config, num_layers(model.config), "the scores file", model_name or "this model", "score this model first")
     counts = removal_counts(config, n_layers)
     orders: dict[str, dict[str, list[str]]] = {}
     for kind in config.units:
