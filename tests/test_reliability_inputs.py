@@ -404,3 +404,16 @@ def test_old_and_hand_written_documents(llama: Path, caplog: pytest.LogCaptureFi
     assert "records no config_sha256" in caplog.text
     with pytest.raises(InputError, match="made for 'm', a model with 5 layers"):
         check_made_for({"model": "m", "n_layers": 5, "scores": {}}, config, 4, "scores", "m", "rescore")
+
+
+def test_device_index_is_checked_against_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with one GPU (faked here: the CI machines have none), cuda:0 is fine and cuda:7 is not."""
+    from depthprune.errors import InputError
+    from depthprune.loading import LoadConfig, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda") == "cuda" and check_device("cuda:0") == "cuda:0"
+    assert LoadConfig("m", device="cpu").device == "cpu" and LoadConfig("m", device="meta").device == "meta"
+    with pytest.raises(InputError, match=r"it has 1 cuda device \(cuda:0\.\.cuda:0\)"):
+        LoadConfig("m", device="cuda:7")
