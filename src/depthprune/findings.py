@@ -120,7 +120,7 @@ def check_section(s: FindingsSection, recipe_tasks: Sequence[str], metrics: Sequ
     """
     from depthprune.evaluate import parse_task
     from depthprune.recover.compare import parse_learned
-    from depthprune.recover.emulate import parse_replace
+    from depthprune.recover.emulate import parse_stand_in
 
     tasks = list(s.tasks or recipe_tasks)
     if not tasks:
@@ -135,7 +135,7 @@ def check_section(s: FindingsSection, recipe_tasks: Sequence[str], metrics: Sequ
     if unscored:
         raise InputError(f"findings use unit kinds {unscored} that score.units ({', '.join(kinds)}) does not score")
     for m in s.emulate_methods:
-        parse_replace(m)
+        parse_stand_in(m)
     for m in s.learned:
         parse_learned(m)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from typing import Any, Literal
 from depthprune import __version__
 from depthprune._fs import read_json, write_json_atomic
 from depthprune.errors import InputError, check_choice
+from depthprune.recover.emulate import REPLACE_HELP, REPLACE_RE
 from depthprune.scores_file import (
     metric_span,
     parse_unit,
@@ -40,17 +40,15 @@ from depthprune.units import UNIT_KINDS, Unit
 
 logger = logging.getLogger(__name__)
 
-REPLACE_HELP = "none, bias or lowrank:R with R a positive integer"
-_REPLACE_RE = re.compile(r"^(none|bias|lowrank:[1-9][0-9]*)$")
 
 
 def check_replace(value: Any, where: str = "replace") -> str:
-    """Return ``value`` if it names a replacement (``none``, ``bias``, ``lowrank:R``).
+    """Return ``value`` if it names a replacement (``none``, ``bias``, ``lowrank:R``, ``linear:R``).
 
     Raises:
         InputError: ``value`` is anything else.
     """
-    if not isinstance(value, str) or not _REPLACE_RE.match(value):
+    if not isinstance(value, str) or not REPLACE_RE.match(value):
         raise InputError(f"unknown {where} {value!r}; expected {REPLACE_HELP}")
     return value
 
@@ -67,7 +65,7 @@ class PlanConfig:
             one span for a span metric and is an error otherwise.
         keep_first: Never remove units of the first this many layers.
         keep_last: Never remove units of the last this many layers.
-        replace: What stands in for each removed unit: ``none``, ``bias`` or ``lowrank:R``.
+        replace: What stands in for each removed unit: ``none``, ``bias``, ``lowrank:R`` or ``linear:R``.
     """
 
     metric: str
@@ -326,7 +324,7 @@ def plan_units(plan: dict[str, Any], n_layers: int, where: str = "plan") -> list
             raise InputError(f"{where}: remove[{i}] is {entry!r}; expected an object with a \"unit\" such as \"block.3\"")
         unit = parse_unit(entry["unit"], n_layers, where)
         replace = entry.get("replace", "none")
-        if not isinstance(replace, str) or not _REPLACE_RE.match(replace):
+        if not isinstance(replace, str) or not REPLACE_RE.match(replace):
             raise InputError(f"{where}: unknown replace {replace!r} for {unit}; expected {REPLACE_HELP}")
         if unit in seen:
             raise InputError(f"{where}: unit {unit} is listed twice (remove[{seen[unit]}] and remove[{i}]); list it once")

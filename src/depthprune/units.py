@@ -160,7 +160,7 @@ class ModelLayout:
 # --------------------------------------------------------------------------- stand-ins
 
 
-class _StreamBox:
+class StreamBox:
     """Holds the raw stream of the current forward pass between a hook and a slot.
 
     A plain object (not a module or a tensor attribute) so that ``copy.deepcopy`` of the
@@ -210,7 +210,7 @@ class _Slot(nn.Module):
     def __init__(self, emulator: nn.Module | None = None) -> None:
         super().__init__()
         self.emulator = emulator
-        self._box = _StreamBox()
+        self._box = StreamBox()
 
     def _update(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.emulator is None:
