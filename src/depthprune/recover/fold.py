@@ -113,9 +113,9 @@ def plan_folds(
 ) -> tuple[dict[Unit, Writer], dict[Unit, str]]:
     """Where each stand-in of ``replacements`` would fold, and why others cannot; changes nothing.
 
-    Every unit of ``replacements`` counts as removed. A writer takes its stand-ins all
-    together or none of them, so that a linear emulator left as a module never reads a
-    writer that a fold has changed.
+    Every unit of ``replacements`` counts as removed. A writer into which a linear
+    emulator cannot fold takes no other stand-in either, since that emulator, left as a
+    module, reads the writer's output, which a fold would change.
 
     Returns:
         ``(targets, refused)``: unit -> writer for the stand-ins that fold, unit -> reason
@@ -145,8 +145,8 @@ def plan_folds(
         else:
             targets[unit] = writer
     for unit, reason in list(refused.items()):
-        if not isinstance(replacements[unit], _FOLDABLE):
-            continue
+        if not isinstance(replacements[unit], LinearEmulator):
+            continue  # other stand-ins left as modules do not read the writer's output
         writer, _ = layout.stream.writer_before(unit.kind, unit.index, gone)
         for other in [u for u, w in targets.items() if w == writer]:
             del targets[other]
