@@ -101,7 +101,7 @@ class Recipe(_Section):
         model: A local model folder or a Hub id.
         data: Calibration data.
         tasks: Evaluation task specs (see ``depthprune eval``), run before and after.
-        recover: ``none``, ``bias`` or ``lowrank:R`` for the removed units.
+        recover: ``none``, ``bias``, ``lowrank:R`` or ``linear:R`` for the removed units.
         score, plan, sweep: Stage settings; ``sweep: null`` skips the sweep.
         findings: The paper's findings measured on this model (see
             :mod:`depthprune.findings`); ``null`` (the default) skips them.

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replace",
         default="none",
-        metavar="none|bias|lowrank:R",
-        help="what replaces each removed unit: none, bias or lowrank:R (default: none)",
+        metavar="none|bias|lowrank:R|linear:R",
+        help="what replaces each removed unit: none, bias, lowrank:R or linear:R|linear:full (default: none)",
     )
     p.add_argument("-o", "--output", help="the plan file to write (required unless --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing plan file")
