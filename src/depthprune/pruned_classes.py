@@ -150,7 +150,7 @@ def depthprune_info(config: Any) -> dict[str, Any]:
     (original layer -> new layer or ``None``), and ``units``: one entry per unit that keeps
     a slot, ``{"unit": "attn.5", "layer": 3, "replace": "lowrank:8"}``, with the original
     unit name, the layer's new index and what stands in for it (``none``, ``bias``,
-    ``lowrank:R``; a ``block`` entry is always emulated).
+    ``lowrank:R``, ``linear:R``; a ``block`` entry is always emulated).
 
     Raises:
         ModelLoadError: the config has no such dict, or it is malformed.

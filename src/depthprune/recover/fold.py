@@ -67,8 +67,10 @@ def _conv1d_type() -> type | None:
 
 
 def _is_tied(model: nn.Module) -> bool:
+    """Whether the LM head shares the input embeddings, now or once the saved model is loaded."""
     out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
+    shared = out is not None and out.weight is model.get_input_embeddings().weight
+    return shared or bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 def _target_module(layout: ModelLayout, writer: Writer) -> nn.Module:
