@@ -29,7 +29,7 @@ from typing import Any, Literal
 from depthprune import __version__
 from depthprune._fs import read_json, write_json_atomic
 from depthprune.errors import InputError, check_choice
-from depthprune.recover.emulate import REPLACE_HELP, REPLACE_RE
+from depthprune.recover.emulators import REPLACE_HELP, REPLACE_RE
 from depthprune.scores_file import (
     metric_span,
     parse_unit,

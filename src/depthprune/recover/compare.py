@@ -39,7 +39,13 @@ from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
 from depthprune.progress import counter
-from depthprune.recover.emulate import DEFAULT_RIDGE, collect_updates, emulate, emulator_from_stats, parse_stand_in
+from depthprune.recover.emulate import (
+    DEFAULT_RIDGE,
+    collect_updates,
+    emulate,
+    emulator_from_stats,
+    parse_stand_in,
+)
 from depthprune.recover.learn import LearnConfig, lora_recovery, train_emulators
 from depthprune.units import ModelLayout, Unit
 

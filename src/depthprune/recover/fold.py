@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from depthprune.architectures import ArchSpec, BiasFlag, FoldProj, get_submodule
-from depthprune.recover.emulate import BiasEmulator, LinearEmulator, describe
+from depthprune.recover.emulators import BiasEmulator, LinearEmulator, describe
 from depthprune.stream import Writer
 from depthprune.units import ModelLayout, Unit, removed_paths
 
