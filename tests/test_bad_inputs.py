@@ -106,6 +106,7 @@ ROWS: list[Row] = [
     Row("prune-out-is-model", "prune {M} --remove block.1 -o {M} --force", "source model"),
     Row("prune-out-holds-model", "prune {M} --remove block.1 -o {SRC} --force", "source model"),
     Row("prune-out-is-its-plan", "prune {M} --plan {P} -o {P} --force", "replace the input"),
+    Row("eval-json-is-its-data", "eval {M} --task ppl:{D},seq_len=16 --json {D} --force", "replace the input"),
     Row("recover-out-in-model", "recover-compare {M} --remove block.1 --data {D} -o {M}/cmp.json", "source model"),
     Row("eval-json-in-model", "eval {M} --task ppl:{D},seq_len=16 --json {M}/eval.json", "source model"),
     Row("sweep-out-in-model", "sweep {M} --scores {S} --metrics cosine --max-remove 1 --tasks ppl:{D} -o {M}/sweep", "source model"),
@@ -293,7 +294,7 @@ def _run_subprocess(row: Row, argv: list[str]) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", **row.env}
     proc = subprocess.run(
         [*prefix, sys.executable, "-m", "depthprune", "-q", *argv],
-        capture_output=True, text=True, env=env, preexec_fn=preexec, timeout=300,
+        capture_output=True, text=True, env=env, preexec_fn=preexec, timeout=300, check=False,
     )
     return proc.returncode, proc.stderr
 
