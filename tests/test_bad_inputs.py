@@ -53,7 +53,7 @@ class Row:
             folder, even as root); ``fsize`` (a subprocess under a file size limit, as
             ``ulimit -f``).
         needs: Fixture paths the row needs (``L``: stories260K from ../shared).
-        xfail: Why the row fails on this branch (fixed elsewhere), or ``""``.
+        xfail: Why the row is expected to fail for now (marked strict), or ``""``.
     """
 
     id: str
@@ -85,8 +85,6 @@ def _readonly(w: Path) -> None:
     (w / "ro").mkdir()
     (w / "ro").chmod(0o555)
 
-
-REL_A = "fixed on branch rel-a"
 
 ROWS: list[Row] = [
     # --- class 3: an output in (or around) a model folder or an input the command reads
@@ -156,16 +154,16 @@ ROWS: list[Row] = [
     Row("recover-no-ranking", "recover-compare {M} --data {D} -o {W}/c.json", "exactly one of"),
     Row("convert-llama2c-missing-input", "convert-llama2c {W}/no.bin {W}/no-tok.bin -o {W}/hf", "does not exist"),
     Row("convert-gguf-missing-input", "convert-gguf {W}/no.gguf -o {W}/hf", "does not exist"),
-    # --- classes fixed on branch rel-a (1, 2, 5, 6, 7)
-    Row("prune-duplicate-units", "prune {M} --remove block.1,block.1 -o {W}/out", "block.1", xfail=f"class 7: {REL_A}"),
-    Row("score-samples-not-a-number", "score {M} --data {D} --samples abc -o {W}/s.json", "abc", xfail=f"class 7: {REL_A}"),
-    Row("score-latin1-jsonl", "score {M} --data {LATIN1} -o {W}/s.json", "UTF-8", xfail=f"class 7: {REL_A}"),
-    Row("score-missing-cuda-device", "score {M} --data {D} --device cuda:7 -o {W}/s.json", "cuda:7", xfail=f"class 7: {REL_A}"),
-    Row("score-pickle-only-model", "score {PICKLE} --data {D} -o {W}/s.json", "safetensors", xfail=f"class 2: {REL_A}"),
-    Row("score-config-claims-more-layers", "score {BIGCFG} --data {D} -o {W}/s.json", "layers", xfail=f"class 1: {REL_A}"),
+    # --- classes 1, 2, 5, 6 and 7 (the loader, the recipe schema, made-for checks, units, data)
+    Row("prune-duplicate-units", "prune {M} --remove block.1,block.1 -o {W}/out", "block.1"),  # class 7
+    Row("score-samples-not-a-number", "score {M} --data {D} --samples abc -o {W}/s.json", "abc"),  # class 7
+    Row("score-latin1-jsonl", "score {M} --data {LATIN1} -o {W}/s.json", "UTF-8"),  # class 7
+    Row("score-missing-cuda-device", "score {M} --data {D} --device cuda:7 -o {W}/s.json", "cuda:7"),  # class 7
+    Row("score-pickle-only-model", "score {PICKLE} --data {D} -o {W}/s.json", "safetensors"),  # class 2
+    Row("score-config-claims-more-layers", "score {BIGCFG} --data {D} -o {W}/s.json", "layers"),  # class 1
     Row("run-recipe-samples-not-a-number", "run {R_BADSAMPLES} -o {W}/run", "many"),
-    Row("run-recipe-remove-not-a-number", "run {R_BADREMOVE} -o {W}/run", "two", xfail=f"class 5: {REL_A}"),
-    Row("sweep-scores-of-another-model", "sweep {M} --scores {S32} --metrics cosine --max-remove 1 --tasks ppl:{D} -o {W}/sw", "layers", xfail=f"class 6: {REL_A}"),
+    Row("run-recipe-remove-not-a-number", "run {R_BADREMOVE} -o {W}/run", "two"),  # class 5
+    Row("sweep-scores-of-another-model", "sweep {M} --scores {S32} --metrics cosine --max-remove 1 --tasks ppl:{D} -o {W}/sw", "layers"),  # class 6
 ]
 
 
