@@ -231,8 +231,25 @@ def test_non_finite_score_is_an_error() -> None:
 def test_load_scores_and_digest(scores_file: Path) -> None:
     loaded = load_scores(scores_file)
     assert loaded == _scores()
-    expected = hashlib.sha256(json.dumps(_scores(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    timeless = _scores()
+    del timeless["meta"]["created"]
+    expected = hashlib.sha256(json.dumps(timeless, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert scores_digest(loaded) == expected
+
+
+def test_digest_ignores_creation_time_only() -> None:
+    """The same numbers made at another time give the same plan (class 8 of issue 13);
+    any other change, however small, gives another digest."""
+    a, b = _scores(), _scores()
+    b["meta"]["created"] = "2031-06-30T12:00:00+00:00"
+    assert scores_digest(a) == scores_digest(b)
+    cfg = PlanConfig(metric="cosine", units="block", remove=1)
+    assert make_plan(a, cfg) == make_plan(b, cfg)
+    c = _scores()
+    metric = next(iter(c["scores"]))
+    unit = next(iter(c["scores"][metric]))
+    c["scores"][metric][unit] = float(c["scores"][metric][unit]) + 1e-12
+    assert scores_digest(c) != scores_digest(a)
 
 
 @pytest.mark.parametrize(

@@ -169,8 +169,9 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
             cannot express the result.
     """
     plan_doc = read_plan(prune.plan) if prune.plan is not None else None
+    sources = {"models": [load.model], "inputs": [prune.plan, prune.data]}
     if not prune.dry_run:
-        check_output(prune.out, prune.force)
+        check_output(prune.out, prune.force, "dir", **sources)
     config, local = load_config(load)
     spec = spec_for_config(config)
     n_layers = spec.num_layers(config)
@@ -195,11 +196,6 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)
-    # `local` is the model folder, or the folder holding a .gguf file, which is itself refused too.
-    if local is not None and prune.out.resolve() in (local.resolve(), Path(load.model).expanduser().resolve()):
-        raise InputError(
-            f"refusing to write {str(prune.out)!r}: it is or holds the source model {str(load.model)!r}; choose another -o"
-        )
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
@@ -242,6 +238,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         manifest=manifest,
         force=prune.force,
         source_dir=local,
+        sources=sources,
         export_format=prune.export_format,
     )
     return result

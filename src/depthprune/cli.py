@@ -6,11 +6,13 @@ Each subcommand lives in its own module of :mod:`depthprune.commands`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import pkgutil
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -93,6 +95,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _no_kill_on_file_size_limit() -> None:
+    """Past a file size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ;
+    ignored, the write fails with EFBIG instead, which the writers report in one line."""
+    if hasattr(signal, "SIGXFSZ"):
+        with contextlib.suppress(ValueError):  # not the main thread: leave it
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input, with one line on stderr)."""
     try:
@@ -101,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"depthprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     _setup_logging(args)
+    _no_kill_on_file_size_limit()
     try:
         args.func(args)
     except DepthPruneError as exc:

@@ -69,3 +69,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class WriteError(DepthPruneError):
+    """An output could not be written: a read-only folder, a full disk, a file where a folder is expected."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import atomic_dir
-from depthprune.errors import InputError, check_choice
+from depthprune.errors import check_choice
 from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,7 @@ def export(
     force: bool = False,
     source_dir: Path | None = None,
     export_format: ExportFormat = "hf",
+    sources: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer) to ``out`` atomically.
 
@@ -77,6 +77,8 @@ def export(
         manifest: Extra content of ``depthprune.json`` (source, removed units, index map...).
         force: Replace an existing ``out``.
         source_dir: The local folder the model was loaded from; refused as ``out``.
+        sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
+            (see :func:`depthprune._fs.check_target`).
         export_format: ``hf`` or ``nemotron-nas``.
 
     Returns:
@@ -87,14 +89,14 @@ def export(
             ``export_format``.
     """
     out_path = Path(out)
-    if source_dir is not None and out_path.resolve() == Path(source_dir).resolve():
-        raise InputError(f"refusing to write into the source model folder {str(source_dir)!r}; choose another -o")
+    sources = dict(sources or {})
+    sources["models"] = [*sources.get("models", ()), source_dir]
     check_choice(export_format, EXPORT_FORMATS, "export format")
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, **sources) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, variant=WEIGHTS_VARIANT if depthpruned else None)
         if depthpruned:
             (tmp / "README.md").write_text(_NEEDS_DEPTHPRUNE.format(family=getattr(model.config, "model_type", "")), encoding="utf-8")
@@ -104,7 +106,6 @@ def export(
             tokenizer.save_pretrained(tmp)
         body = {
             "depthprune_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "format": export_format,
             **(manifest or {}),
         }

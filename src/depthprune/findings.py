@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 from pydantic import ConfigDict
 from torch import nn
 
-from depthprune._fs import write_json_atomic
+from depthprune._fs import copy_file_atomic, make_dir, os_errors, write_json_atomic, write_text_atomic
 from depthprune.errors import InputError
 from depthprune.units import Unit
 
@@ -341,7 +340,7 @@ def run_findings(
     from depthprune.identity import check_made_for
 
     check_made_for(scores, model.config, num_layers(model.config), "the scores file", model_name, "score this model first")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     n_layers = int(scores["n_layers"])
     cache = PointCache(out_dir / POINTS_FILE)
     run = _Runner(model, tokenizer, cache)
@@ -368,11 +367,11 @@ def run_findings(
 
 def _copy_doc(doc: Path, out_dir: Path, target: Path) -> None:
     """Copy ``findings.md`` and its figures next to ``target`` (figures in ``<stem>/``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figures = target.parent / target.stem
-    figures.mkdir(exist_ok=True)
+    with os_errors(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    figures = make_dir(target.parent / target.stem)
     text = doc.read_text(encoding="utf-8")
     for png in sorted(out_dir.glob("*.png")):
-        shutil.copyfile(png, figures / png.name)
+        copy_file_atomic(png, figures / png.name)
         text = text.replace(f"]({png.name})", f"]({target.stem}/{png.name})")
-    target.write_text(text, encoding="utf-8")
+    write_text_atomic(target, text)

@@ -469,15 +469,13 @@ def convert_gguf(
 
     if dtype not in CONVERT_DTYPES:
         raise InputError(f"unknown dtype {dtype!r} for convert-gguf; expected one of {', '.join(CONVERT_DTYPES)}")
-    out_path = check_output(out, force)
+    out_path = check_output(out, force, "dir", models=[path])
     source = Path(path).expanduser()
-    if source.exists() and source.resolve().is_relative_to(out_path.resolve()):
-        raise InputError(f"refusing to write {str(out)!r}: it would replace the input {str(path)!r}; choose another -o")
     header, config = _read(source)
     spec_for_config(config)
     model = _load_weights(header, config, dtype, None)
     tokenizer = _load_tokenizer(header, config)
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, models=[path]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthprune._fs import write_json_atomic
+from depthprune._fs import check_target, make_dir, write_json_atomic
 from depthprune.api import PruneConfig, prune_model
 from depthprune.architectures import num_layers
 from depthprune.errors import InputError
@@ -364,14 +364,10 @@ def run_recipe(
     Returns:
         The path of ``report.html`` (or of the folder when the report is off).
     """
-    from depthprune.errors import InputError
-
-    folder = Path(out)
-    if not folder.absolute().parent.is_dir():
-        raise InputError(f"cannot write {str(folder)!r}: its parent folder does not exist")
+    folder = check_target(out, "dir", models=[recipe.model])
     ctx = RunContext.of(recipe, folder, show_progress)
     preflight(ctx)
-    folder.mkdir(exist_ok=True)
+    make_dir(folder, models=[recipe.model])
     write_json_atomic(folder / "recipe.json", recipe.to_dict())
     stages_path = folder / "stages.json"
     done: dict[str, str] = json.loads(stages_path.read_text()) if _valid(stages_path) else {}

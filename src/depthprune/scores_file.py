@@ -84,11 +84,16 @@ def load_scores(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def scores_digest(scores: dict[str, Any]) -> str:
-    """SHA-256 of ``scores`` as canonical JSON (sorted keys, no spaces).
+    """SHA-256 of ``scores`` as canonical JSON (sorted keys, no spaces), without timestamps.
 
     Floats survive a JSON round trip exactly, so a document and the file it was read
-    from have the same digest whatever the file's indentation.
+    from have the same digest whatever the file's indentation. A creation time
+    (``meta.created``, written by older versions) is left out: the same numbers give the
+    same digest, so a rerun gives the same plan file.
     """
+    meta = scores.get("meta")
+    if isinstance(meta, dict) and "created" in meta:
+        scores = {**scores, "meta": {k: v for k, v in meta.items() if k != "created"}}
     text = json.dumps(scores, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

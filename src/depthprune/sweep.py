@@ -15,7 +15,7 @@ interrupted sweep resumes where it stopped.
      "n_units": {kind: units of that kind in the model},
      "orders": {kind: {metric: [units, least important first]}},
      "points": {kind: {metric: [{"k", "fraction", "removed", "results"}, ...]}},
-     "meta": {"version", "updated"}}
+     "meta": {"version"}}
 
 Format 1 (one kind; ``settings.units`` a string, ``orders`` and ``points`` keyed by
 metric alone) is read by :func:`load_sweep` and resumed as the same sweep in format 2.
@@ -23,7 +23,6 @@ metric alone) is read by :func:`load_sweep` and resumed as the same sweep in for
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import write_json_atomic
+from depthprune._fs import atomic_file, make_dir, write_json_atomic
 from depthprune.architectures import num_layers
 from depthprune.errors import InputError, check_choice
 from depthprune.identity import check_made_for
@@ -171,7 +170,7 @@ class SweepResult:
             "n_units": self.n_units,
             "orders": self.orders,
             "points": self.points,
-            "meta": {"version": __version__, "updated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
+            "meta": {"version": __version__},
         }
 
     @classmethod
@@ -321,9 +320,7 @@ def sweep(
     settings = config.settings()
     path = None
     if out_dir is not None:
-        if not Path(out_dir).absolute().parent.is_dir():
-            raise InputError(f"cannot write {str(out_dir)!r}: its parent folder does not exist")
-        Path(out_dir).mkdir(exist_ok=True)
+        make_dir(out_dir)
         path = Path(out_dir) / SWEEP_FILE
     previous = _load_previous(path, settings, model_name) if (path is not None and resume) else {}
     result = SweepResult(model=model_name, settings=settings, orders=orders, n_units={k: n_layers for k in config.units})
@@ -417,8 +414,7 @@ def plot_sweep(result: SweepResult, out_dir: str | os.PathLike[str], tasks: Sequ
         ax.legend(fontsize=7 if len(lines) > 4 else None, ncol=2 if len(lines) > 6 else 1)
         fig.tight_layout()
         path = out / sweep_png_name(task, names)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_file(path, force=True) as tmp:
+            fig.savefig(tmp, dpi=120)
         written.append(path)
     return written

@@ -65,8 +65,9 @@ def _run(args: argparse.Namespace) -> None:
     if bool(args.plan) == bool(args.remove):
         raise InputError("give the ranking with exactly one of --plan plan.json and --remove u1,u2,...")
     plot = args.plot or str(Path(args.output).with_suffix(".png"))
-    check_output(args.output, args.force)
-    check_output(plot, args.force)
+    sources = {"models": [args.model], "inputs": [args.plan, args.data]}
+    check_output(args.output, args.force, "file", **sources)
+    check_output(plot, args.force, "file", **sources)
     config = CompareConfig(
         methods=_csv(args.methods),
         learned=_csv(args.learned),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import check_output, write_json_atomic
+from depthprune._fs import atomic_file, check_output, write_json_atomic
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
@@ -385,13 +385,11 @@ def plot_comparison(result: CompareResult, path: str | os.PathLike[str]) -> Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
+        with atomic_file(target, force=True) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -5,7 +5,6 @@ In every result a higher score means more important.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 from dataclasses import dataclass, field
@@ -123,7 +122,6 @@ class ScoreResult:
             "meta": {
                 "version": __version__,
                 "seed": self.seed,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "cost": self.cost,
             },
         }
