@@ -287,8 +287,7 @@ class StreamedModel:
                     self.ckpt.load_(self._layer_names[i])
                     self.layer_reads += 1
                     try:
-                        for sig_in, outs in groups.items():
-                            self._layer_step(i, batches, store, states[sig_in], sig_in, outs, on_trunk)
+                        self._layer_step(i, batches, store, states, groups, on_trunk)
                     finally:
                         self.ckpt.free_(self._layer_names[i])
                     states = {sig: sid for outs in groups.values() for sig, sid in outs.items()}
@@ -302,23 +301,40 @@ class StreamedModel:
         i: int,
         batches: Sequence[Batch],
         store: ActivationStore,
+        states: dict[Branch, int],
+        groups: dict[Branch, dict[Branch, int]],
+        on_trunk: Callable[[int, int, Batch], contextlib.AbstractContextManager[Any]] | None,
+    ) -> None:
+        """Run every batch of every branch through layer ``i`` (its arguments computed once per batch)."""
+        layer = self.layout.layers[i]
+        for b, batch in enumerate(batches):
+            args, kwargs = self._shell(batch, embed=False)[1][i]
+            for sig_in, outs in groups.items():
+                self._branch_step(layer, i, b, batch, (args, kwargs), store, states[sig_in], sig_in, outs, on_trunk)
+
+    def _branch_step(
+        self,
+        layer: nn.Module,
+        i: int,
+        b: int,
+        batch: Batch,
+        call: LayerCall,
+        store: ActivationStore,
         sid_in: int,
         sig_in: Branch,
         outs: dict[Branch, int],
         on_trunk: Callable[[int, int, Batch], contextlib.AbstractContextManager[Any]] | None,
     ) -> None:
-        layer = self.layout.layers[i]
-        for b, batch in enumerate(batches):
-            hidden = store.take((sid_in, b))  # (B, T, D)
-            _, calls = self._shell(batch, embed=False)
-            args, kwargs = calls[i]
-            for sig_out, sid in outs.items():
-                here = sorted(u for u in sig_out if u.index == i)
-                trunk = on_trunk is not None and not sig_in and not here
-                guard = on_trunk(i, b, batch) if trunk else contextlib.nullcontext()
-                masking = mask_units(self.model, here, self.ckpt.spec) if here else contextlib.nullcontext()
-                a, k = with_hidden_arg(args, kwargs, hidden)
-                with guard, masking:
-                    out = layer(*a, **k)
-                self._returns_tuple = isinstance(out, tuple)
-                store.put((sid, b), hidden_of(out))
+        """Run batch ``b`` of one shared prefix through layer ``i``, once per way it continues."""
+        args, kwargs = call
+        hidden = store.take((sid_in, b))  # (B, T, D)
+        for sig_out, sid in outs.items():
+            here = sorted(u for u in sig_out if u.index == i)
+            trunk = on_trunk is not None and not sig_in and not here
+            guard = on_trunk(i, b, batch) if trunk else contextlib.nullcontext()
+            masking = mask_units(self.model, here, self.ckpt.spec) if here else contextlib.nullcontext()
+            a, k = with_hidden_arg(args, kwargs, hidden)
+            with guard, masking:
+                out = layer(*a, **k)
+            self._returns_tuple = isinstance(out, tuple)
+            store.put((sid, b), hidden_of(out))
