@@ -205,3 +205,36 @@ def test_cli_stream_score_and_bad_budget(sharded_llama: Path, text_file: Path, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot hold one layer" in err[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_disk_too_small_for_the_spill_is_refused_and_cleaned(sharded_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from depthprune.streamed import SpillSpaceError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 30, 1 << 30, 1 << 20))
+    data = _tokens()
+    probe = open_streamed(str(sharded_llama))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    streamed = open_streamed(str(sharded_llama), StreamConfig(budget=_budget(probe, data, 2), spill_dir=str(spill)))
+    with pytest.raises(SpillSpaceError, match="too little"):
+        score_streamed(streamed, data, ScoreConfig(metrics=("loo_loss",), batch_size=2, show_progress=False))
+    assert list(spill.iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1024", 1024), ("2KB", 2048), ("1.5GB", 3 << 29), ("64MiB", 64 << 20)])
+def test_parse_bytes(text: str, expected: int) -> None:
+    from depthprune.streamed import parse_bytes
+
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5MB", "3XB", "0"])
+def test_parse_bytes_refuses_nonsense(text: str) -> None:
+    from depthprune.streamed import parse_bytes
+
+    with pytest.raises(InputError):
+        parse_bytes(text)
