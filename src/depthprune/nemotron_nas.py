@@ -20,7 +20,6 @@ from depthprune.architectures import ArchSpec, all_specs
 from depthprune.errors import InputError
 from depthprune.units import Unit
 
-
 _FIRST_ATTN = (
     "the nemotron-nas format cannot remove the attention of the first kept layer ({unit}): vLLM's DeciLM layer "
     "then calls its first RMSNorm without a residual and fails; use --format gguf (llama.cpp) or --format hf "
