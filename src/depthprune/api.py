@@ -19,14 +19,19 @@ from depthprune.data import (
 )
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
+from depthprune.gguf_export import check_gguf_family, check_gguf_plan, check_gguf_type
 from depthprune.loading import LoadConfig, load_config, load_model
-from depthprune.nemotron_nas import check_family, refuse_emulators
+from depthprune.nemotron_nas import (
+    check_family,
+    check_nemotron_nas_plan,
+    refuse_emulators,
+)
 from depthprune.plan import check_replace, plan_units, read_plan
 from depthprune.prune import PruneResult, prune_
 from depthprune.pruned_classes import to_depthpruned_
 from depthprune.recover.emulate import DEFAULT_RIDGE, EmulationConfig, fit_emulators
 from depthprune.recover.install import check_replacements
-from depthprune.units import Unit, parse_units
+from depthprune.units import Unit, parse_units, removed_paths
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +58,11 @@ class PruneConfig:
         text_field: Field of JSONL records or dataset rows that holds the text.
         ridge: Relative ridge of low-rank fits (see :mod:`depthprune.recover.emulate`).
         batch_size: Sequences per forward pass of the fit.
-        export_format: ``hf``, or ``nemotron-nas`` for a DeciLM-style config that vLLM
-            serves (families whose architecture file allows it, no emulators).
+        export_format: ``hf``, ``nemotron-nas`` for a DeciLM-style config that vLLM
+            serves, or ``gguf`` for one ``.gguf`` file that llama.cpp runs (both for
+            families whose architecture file allows it, no emulators).
+        gguf_type: ``f32``, ``f16`` or ``bf16``, the matrices' type in a ``gguf`` export;
+            ``None`` means ``f32``, and is the only value other formats accept.
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
@@ -72,6 +80,7 @@ class PruneConfig:
     ridge: float = DEFAULT_RIDGE
     batch_size: int = 8
     export_format: ExportFormat = "hf"
+    gguf_type: str | None = None
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
@@ -91,6 +100,10 @@ class PruneConfig:
         if self.recover is not None:
             check_replace(self.recover, "--recover value")
         check_choice(self.export_format, EXPORT_FORMATS, "export format")
+        if self.gguf_type is not None:
+            if self.export_format != "gguf":
+                raise InputError(f"--gguf-type {self.gguf_type} applies to --format gguf only; this export is {self.export_format!r}")
+            check_gguf_type(self.gguf_type)
         for name, least in (("n_samples", 1), ("seq_len", 2), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -161,6 +174,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)
+        check_nemotron_nas_plan(table)
+    if prune.export_format == "gguf":
+        check_gguf_family(spec, config)
+        check_gguf_plan(removed_paths(table), emulated)
     # `local` is the model folder, or the folder holding a .gguf file, which is itself refused too.
     if local is not None and prune.out.resolve() in (local.resolve(), Path(load.model).expanduser().resolve()):
         raise InputError(
@@ -205,6 +222,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         force=prune.force,
         source_dir=local,
         export_format=prune.export_format,
+        gguf_type=prune.gguf_type or "f32",
     )
     return result
 

@@ -19,8 +19,8 @@ from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
 logger = logging.getLogger(__name__)
 
 MANIFEST = "depthprune.json"
-ExportFormat = Literal["hf", "nemotron-nas"]
-EXPORT_FORMATS: tuple[str, ...] = ("hf", "nemotron-nas")
+ExportFormat = Literal["hf", "nemotron-nas", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("hf", "nemotron-nas", "gguf")
 
 
 _NEEDS_DEPTHPRUNE = """\
@@ -54,6 +54,7 @@ def export(
     force: bool = False,
     source_dir: Path | None = None,
     export_format: ExportFormat = "hf",
+    gguf_type: str = "f32",
 ) -> Path:
     """Write ``model`` (and its tokenizer) to ``out`` atomically.
 
@@ -70,6 +71,10 @@ def export(
     ``DeciLMForCausalLM`` serves: ``block_configs`` with ``no_op`` attention and FFN
     entries (see :mod:`depthprune.nemotron_nas`).
 
+    With ``export_format="gguf"`` (Llama-layout families, no emulators) ``out`` is one
+    ``.gguf`` file that llama.cpp runs, with the tokenizer and the manifest inside it (see
+    :mod:`depthprune.gguf_export`).
+
     Args:
         model: The model to save; weights are written as safetensors.
         out: The output folder.
@@ -77,7 +82,8 @@ def export(
         manifest: Extra content of ``depthprune.json`` (source, removed units, index map...).
         force: Replace an existing ``out``.
         source_dir: The local folder the model was loaded from; refused as ``out``.
-        export_format: ``hf`` or ``nemotron-nas``.
+        export_format: ``hf``, ``nemotron-nas`` or ``gguf``.
+        gguf_type: ``f32``, ``f16`` or ``bf16``: the type of the matrices in a GGUF export.
 
     Returns:
         The output folder.
@@ -90,6 +96,18 @@ def export(
     if source_dir is not None and out_path.resolve() == Path(source_dir).resolve():
         raise InputError(f"refusing to write into the source model folder {str(source_dir)!r}; choose another -o")
     check_choice(export_format, EXPORT_FORMATS, "export format")
+    body = {
+        "depthprune_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "format": export_format,
+        **(manifest or {}),
+    }
+    if export_format == "gguf":
+        from depthprune.gguf_export import write_gguf
+
+        if tokenizer is None:
+            raise InputError("the gguf format embeds the tokenizer, but the model has none; save one beside the model")
+        return write_gguf(model, out_path, tokenizer=tokenizer, gguf_type=gguf_type, manifest=body, force=force)
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
@@ -102,12 +120,6 @@ def export(
             write_nemotron_nas(tmp, nas_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        body = {
-            "depthprune_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "format": export_format,
-            **(manifest or {}),
-        }
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", out_path)
     return out_path
