@@ -67,14 +67,16 @@ def test_sublayer_pruned_model_is_deci_with_per_layer_arrays(tiny_model_dirs: di
     reader = _read(out)
     assert _field(reader, "general.architecture") == "deci"
     assert _field(reader, "deci.block_count") == 3
-    # Layers after deleting block.2: original 0, 1, 3.
-    assert list(_field(reader, "deci.attention.head_count")) == [0, 4, 0]
+    # Layers after deleting block.2: original 0, 1, 3. Layer 0's attention is written as a
+    # zero "linear attention" (heads 4, KV heads 0): llama.cpp takes the head size from layer 0.
+    assert list(_field(reader, "deci.attention.head_count")) == [4, 4, 0]
     assert list(_field(reader, "deci.attention.head_count_kv")) == [0, 2, 0]
     assert list(_field(reader, "deci.feed_forward_length")) == [64, 64, 0]
     assert _field(reader, "deci.attention.key_length") == 8 and _field(reader, "deci.rope.dimension_count") == 8
-    names = {t.name for t in reader.tensors}
-    assert not any(n.startswith(("blk.0.attn", "blk.2.")) for n in names)
-    assert {"blk.0.ffn_norm.weight", "blk.0.ffn_up.weight", "blk.1.attn_norm.weight", "blk.1.attn_k.weight"} <= names
+    data = {t.name: np.array(t.data) for t in reader.tensors}
+    assert not any(n.startswith(("blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v", "blk.2.attn", "blk.2.ffn")) for n in data)
+    assert {"blk.0.ffn_norm.weight", "blk.0.ffn_up.weight", "blk.1.attn_norm.weight", "blk.1.attn_k.weight"} <= set(data)
+    assert data["blk.0.attn_output.weight"].shape == (32, 32) and not data["blk.0.attn_output.weight"].any()
 
 
 @pytest.mark.parametrize(("gguf_type", "ggml"), [("f16", "F16"), ("bf16", "BF16")])

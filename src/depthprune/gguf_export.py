@@ -6,7 +6,9 @@ pre-norm, sequential residual, SwiGLU MLP) is written with the ``gguf`` package'
 * only whole blocks removed: the standard ``llama`` architecture, with fewer blocks;
 * attention or MLP sublayers removed: llama.cpp's ``deci`` architecture (the one that runs
   NVIDIA's Nemotron-NAS models), whose ``head_count``, ``head_count_kv`` and
-  ``feed_forward_length`` are per-layer arrays, 0 where the sublayer is gone.
+  ``feed_forward_length`` are per-layer arrays, 0 where the sublayer is gone. One
+  exception: llama.cpp takes the head size from layer 0, so a removed attention in the
+  first layer is written as a zero "linear attention" (see :func:`_as_written`).
 
 The tokenizer is embedded (``tokenizer.ggml.*``) from the Hugging Face tokenizer: a
 byte-level BPE (GPT-2 style) as ``gpt2``, a SentencePiece-style BPE with byte fallback as
@@ -187,6 +189,22 @@ def gguf_layers(model: nn.Module) -> list[GGUFLayer]:
     ]
 
 
+def _as_written(layers: list[GGUFLayer], config: Any) -> list[GGUFLayer]:
+    """The layers as the file declares them: a first layer without attention gets a zero stand-in.
+
+    llama.cpp derives the head size from layer 0's head count (and reads
+    ``attention.key_length`` only when that count is positive), so a ``deci`` file whose
+    layer 0 has no attention fails to load. That layer is written instead as a ``deci``
+    "linear attention" (``n_head > 0``, ``n_head_kv == 0``: the normed input times
+    ``attn_output``) whose ``attn_output`` is zero, which adds exactly nothing: D x D
+    zeros and one matrix product per token, no KV cache.
+    """
+    if not layers or layers[0].n_head:
+        return layers
+    first = GGUFLayer(n_head=int(config.num_attention_heads), n_head_kv=0, n_ff=layers[0].n_ff)
+    return [first, *layers[1:]]
+
+
 def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
@@ -212,8 +230,12 @@ def _tensors(model: nn.Module, spec: ArchSpec, layers: list[GGUFLayer]) -> Itera
     base = get_submodule(model, spec.layers.rsplit(".", 1)[0]) if "." in spec.layers else model
     embed = model.get_input_embeddings().weight
     yield "token_embd.weight", embed
+    dim = int(config.hidden_size)
     for i, (layer, shape) in enumerate(zip(layout.layers, layers, strict=True)):
-        if shape.n_head:
+        if shape.n_head and not shape.n_head_kv:  # the zero stand-in of _as_written
+            yield f"blk.{i}.attn_norm.weight", torch.ones(dim)
+            yield f"blk.{i}.attn_output.weight", torch.zeros(dim, dim)
+        elif shape.n_head:
             (norm,) = spec.attn.pre_norms
             yield f"blk.{i}.attn_norm.weight", get_submodule(layer, norm).weight
             attn = get_submodule(layer, spec.attn.module)
@@ -261,7 +283,7 @@ def _bytes_per_value(gguf_type: str, ndim: int) -> int:
 
 def estimate_gguf_bytes(model: nn.Module, spec: ArchSpec, gguf_type: str, tokenizer: Any | None = None) -> int:
     """An upper estimate of the GGUF file's size: tensor bytes, padding, tokenizer and header."""
-    layers = gguf_layers(model)
+    layers = _as_written(gguf_layers(model), model.config)
     total = _HEADER_SLACK
     for _, t in _tensors(model, spec, layers):
         total += t.numel() * _bytes_per_value(gguf_type, t.dim()) + 32
@@ -465,6 +487,7 @@ def write_gguf(
     _check_disk(out_path.absolute().parent, estimate_gguf_bytes(model, spec, gguf_type, tokenizer))
     uniform = all(s == layers[0] and s.n_head and s.n_ff for s in layers)
     arch = "llama" if uniform else "deci"
+    layers = _as_written(layers, config)
     rope = _rope(config)
     n_vocab = int(model.get_input_embeddings().weight.shape[0])
     with _atomic_file(out_path, force) as tmp:
