@@ -120,6 +120,23 @@ def test_llamacpp_drops_the_attention_of_a_layer_without_mlp(tiny_model_dirs: di
     assert _relative_diff(mlp_only, theirs) > 0.05
 
 
+def test_stories260k_sentencepiece_vocab_and_logits(stories_dir: Path, stories_lm: Any, tmp_path: Path) -> None:
+    """A SentencePiece-style vocabulary (llama.cpp's ``llama`` tokenizer) and a removed ``attn.0``."""
+    path = tmp_path / "stories.gguf"
+    remove = "attn.0,attn.2"
+    prune_model(LoadConfig(str(stories_dir), dtype="float32"), PruneConfig(out=path, remove=remove, export_format="gguf"))
+    llm = _llama(path)
+    assert llm.metadata["tokenizer.ggml.model"] == "llama"
+    for prompt in ["Once upon a time, there was a little girl", "The cat sat on the mat."]:
+        ids = stories_lm.tokenizer(prompt)["input_ids"]
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+        new, theirs = _llama_greedy(llm, ids, N_NEW)
+        with mask_units(stories_lm.model, parse_units(remove.split(","))):
+            ours = _torch_logits(stories_lm.model, ids + new)
+        assert ours[len(ids) - 1 : -1].argmax(-1).tolist() == new
+        assert _relative_diff(ours, theirs) < LOGIT_TOL
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 

@@ -371,7 +371,8 @@ def _vocab(tokenizer: Any, n_vocab: int) -> _Vocab:
     if kind == "llama":
         # llama.cpp's SPM tokenizer merges the highest-scoring pair first; BPE merges by
         # rank, so a token made by merge r scores -r (earlier merges win).
-        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
+        made = ["".join(m) if not isinstance(m, str) else "".join(m.split(" ", 1)) for m in raw_merges]
+        rank = {token: r for r, token in reversed(list(enumerate(made)))}
         scores = [0.0] * size
         for text, i in vocab.items():
             if text in rank:
@@ -381,6 +382,11 @@ def _vocab(tokenizer: Any, n_vocab: int) -> _Vocab:
         unk = model.get("unk_token")
         if unk in vocab:
             types[vocab[unk]] = int(gguf.TokenType.UNKNOWN)
+        # llama.cpp's SPM tokenizer writes a space as U+2581 before looking tokens up; some
+        # tokenizer.json files (llama2.c conversions) keep plain spaces in the vocabulary.
+        for text, i in vocab.items():
+            if types[i] == int(gguf.TokenType.NORMAL):
+                tokens[i] = text.replace(" ", "\u2581")
         merges = []
     return _Vocab(model=kind, pre=pre, tokens=tokens, types=types, scores=scores, merges=merges)
 
