@@ -143,11 +143,12 @@ def test_gguf_refuses_other_families(tiny_model_dirs: dict[str, Path], tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_gguf_refuses_an_export_larger_than_the_free_disk(
+def test_exports_larger_than_the_free_disk_are_refused(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
 
+    import depthprune._fs as fs
     import depthprune.gguf_export as ge
 
     out = tmp_path / "big.gguf"
@@ -160,7 +161,12 @@ def test_gguf_refuses_an_export_larger_than_the_free_disk(
     # The estimate is an upper bound that stays close: within the 1 MiB header slack.
     assert size <= estimate <= size + (2 << 20)
     real = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ge.shutil, "disk_usage", lambda p: real._replace(free=estimate - 1))
-    with pytest.raises(InputError, match=r"needs about 0\.00 GiB but .* free"):
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: real._replace(free=estimate - 1))
+    with pytest.raises(InputError, match=r"needs about 0\.00 GiB but .* free; free some space or write elsewhere"):
         _prune(tiny_model_dirs["llama"], out, "block.1")
+    # The safetensors formats check too: 1 KiB free is less than any checkpoint.
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: real._replace(free=1024))
+    config = PruneConfig(out=tmp_path / "hf", remove="attn.1")
+    with pytest.raises(InputError, match="the export needs about"):
+        prune_model(LoadConfig(str(tiny_model_dirs["llama"])), config)
     assert list(tmp_path.iterdir()) == []

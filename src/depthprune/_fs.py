@@ -37,6 +37,20 @@ def check_output(out: str | os.PathLike[str], force: bool) -> Path:
     return path
 
 
+def check_free_disk(folder: str | os.PathLike[str], needed: int, hint: str) -> None:
+    """Refuse an export of about ``needed`` bytes that the disk holding ``folder`` cannot take.
+
+    Raises:
+        InputError: fewer than ``needed`` bytes are free there; the message ends with ``hint``.
+    """
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InputError(
+            f"the export needs about {needed / 2**30:.2f} GiB but {str(folder)!r} has {free / 2**30:.2f} GiB free; "
+            f"free some space or {hint}"
+        )
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only if the block succeeds.

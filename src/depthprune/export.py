@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import atomic_dir
+from depthprune._fs import atomic_dir, check_free_disk
 from depthprune.errors import InputError, check_choice
 from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
 
@@ -109,6 +109,7 @@ def export(
             raise InputError("the gguf format embeds the tokenizer, but the model has none; save one beside the model")
         return write_gguf(model, out_path, tokenizer=tokenizer, gguf_type=gguf_type, manifest=body, force=force)
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
+    check_free_disk(out_path.absolute().parent, _checkpoint_bytes(model), "write elsewhere with -o")
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
@@ -123,6 +124,17 @@ def export(
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", out_path)
     return out_path
+
+
+def _checkpoint_bytes(model: nn.Module) -> int:
+    """An upper estimate of a safetensors checkpoint's size: each tensor once, plus 1 MiB."""
+    seen: set[int] = set()
+    total = 1 << 20
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size() + 256
+    return total
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -37,7 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from depthprune._fs import check_free_disk
 from depthprune.architectures import ArchSpec, get_submodule
 from depthprune.errors import InputError, check_choice
 
@@ -293,15 +293,6 @@ def estimate_gguf_bytes(model: nn.Module, spec: ArchSpec, gguf_type: str, tokeni
     return total
 
 
-def _check_disk(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise InputError(
-            f"the gguf export needs about {needed / 2**30:.2f} GiB but {str(folder)!r} has {free / 2**30:.2f} GiB free; "
-            "free some space, write elsewhere with -o, or choose --gguf-type f16"
-        )
-
-
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -490,7 +481,8 @@ def write_gguf(
         check_gguf_plan({i: {k for k, n in (("attn", s.n_head), ("mlp", s.n_ff)) if n == 0} for i, s in enumerate(layers)}, [])
     _vocab(tokenizer, int(model.get_input_embeddings().weight.shape[0]))  # refuse before writing
     out_path = Path(out)
-    _check_disk(out_path.absolute().parent, estimate_gguf_bytes(model, spec, gguf_type, tokenizer))
+    needed = estimate_gguf_bytes(model, spec, gguf_type, tokenizer)
+    check_free_disk(out_path.absolute().parent, needed, "write elsewhere with -o, or choose --gguf-type f16")
     uniform = all(s == layers[0] and s.n_head and s.n_ff for s in layers)
     arch = "llama" if uniform else "deci"
     layers = _as_written(layers, config)
