@@ -10,9 +10,9 @@ pre-norm, sequential residual, SwiGLU MLP) is written with the ``gguf`` package'
   exception: llama.cpp takes the head size from layer 0, so a removed attention in the
   first layer is written as a zero "linear attention" (see :func:`_as_written`).
 
-The tokenizer is embedded (``tokenizer.ggml.*``) from the Hugging Face tokenizer: a
-byte-level BPE (GPT-2 style) as ``gpt2``, a SentencePiece-style BPE with byte fallback as
-``llama``. ``depthprune.json``'s content is stored under the metadata key
+The tokenizer is embedded (``tokenizer.ggml.*``) from the Hugging Face tokenizer by
+:mod:`depthprune.gguf_vocab`: a byte-level BPE (GPT-2 style) as ``gpt2``, a
+SentencePiece-style BPE with byte fallback as ``llama``. ``depthprune.json``'s content is stored under the metadata key
 ``depthprune.manifest``.
 
 What this format refuses, before anything is written (see :func:`check_gguf_plan`):
@@ -50,6 +50,7 @@ from torch import nn
 from depthprune._fs import check_free_disk
 from depthprune.architectures import ArchSpec, get_submodule
 from depthprune.errors import InputError, check_choice
+from depthprune.gguf_vocab import add_tokenizer, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -293,131 +294,6 @@ def estimate_gguf_bytes(model: nn.Module, spec: ArchSpec, gguf_type: str, tokeni
     return total
 
 
-# --------------------------------------------------------------------------- tokenizer
-
-
-@dataclass(frozen=True)
-class _Vocab:
-    model: str  # tokenizer.ggml.model
-    pre: str | None
-    tokens: list[str]
-    types: list[int]
-    scores: list[float] | None
-    merges: list[str]
-
-
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is None:
-        raise InputError(
-            f"cannot embed a {type(tokenizer).__name__} in GGUF: it has no fast (tokenizers) backend; "
-            "save the model with a tokenizer.json"
-        )
-    return json.loads(backend.to_str())
-
-
-def _pre_tokenizers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    pre = doc.get("pre_tokenizer") or {}
-    return list(pre.get("pretokenizers", [])) if pre.get("type") == "Sequence" else ([pre] if pre else [])
-
-
-def _vocab(tokenizer: Any, n_vocab: int) -> _Vocab:
-    """The tokenizer as llama.cpp's vocabulary metadata, or an error naming what is missing."""
-    import gguf
-
-    doc = _tokenizer_json(tokenizer)
-    model = doc.get("model") or {}
-    if model.get("type") != "BPE":
-        raise InputError(
-            f"cannot embed a {model.get('type')!r} tokenizer in GGUF; the writer handles byte-level BPE (GPT-2 style) "
-            "and SentencePiece-style BPE; use --format hf"
-        )
-    pres = _pre_tokenizers(doc)
-    byte_level = [p for p in pres if p.get("type") == "ByteLevel"]
-    if len(pres) == 1 and byte_level and byte_level[0].get("use_regex", True):
-        kind, pre = "gpt2", "gpt-2"  # GPT-2's split regex, which llama.cpp calls "gpt-2"
-    elif not pres and model.get("byte_fallback"):
-        kind, pre = "llama", None  # SentencePiece: llama.cpp's SPM tokenizer, scores from merge ranks
-    else:
-        raise InputError(
-            "cannot embed this tokenizer in GGUF: its pre-tokenizer "
-            f"({', '.join(str(p.get('type')) for p in pres) or 'none'}) is not one llama.cpp is known to match here; "
-            "use --format hf"
-        )
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {int(a["id"]): a for a in doc.get("added_tokens", [])}
-    for i, a in added.items():
-        vocab[a["content"]] = i
-    size = max(n_vocab, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [int(gguf.TokenType.UNUSED)] * size
-    for text, i in vocab.items():
-        tokens[i] = text
-        types[i] = int(gguf.TokenType.NORMAL)
-    for i, a in added.items():
-        types[i] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-    raw_merges = model.get("merges", [])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
-    scores = None
-    if kind == "llama":
-        # llama.cpp's SPM tokenizer merges the highest-scoring pair first; BPE merges by
-        # rank, so a token made by merge r scores -r (earlier merges win).
-        made = ["".join(m) if not isinstance(m, str) else "".join(m.split(" ", 1)) for m in raw_merges]
-        rank = {token: r for r, token in reversed(list(enumerate(made)))}
-        scores = [0.0] * size
-        for text, i in vocab.items():
-            if text in rank:
-                scores[i] = -float(rank[text])
-            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-                types[i] = int(gguf.TokenType.BYTE)
-        unk = model.get("unk_token")
-        if unk in vocab:
-            types[vocab[unk]] = int(gguf.TokenType.UNKNOWN)
-        # llama.cpp's SPM tokenizer writes a space as U+2581 before looking tokens up; some
-        # tokenizer.json files (llama2.c conversions) keep plain spaces in the vocabulary.
-        for text, i in vocab.items():
-            if types[i] == int(gguf.TokenType.NORMAL):
-                tokens[i] = text.replace(" ", "\u2581")
-        merges = []
-    return _Vocab(model=kind, pre=pre, tokens=tokens, types=types, scores=scores, merges=merges)
-
-
-def _add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int) -> None:
-    vocab = _vocab(tokenizer, n_vocab)
-    if len(vocab.tokens) != n_vocab:
-        raise InputError(
-            f"the tokenizer has {len(vocab.tokens)} tokens but the embedding has {n_vocab} rows; "
-            "GGUF needs one token per row; use --format hf"
-        )
-    writer.add_tokenizer_model(vocab.model)
-    if vocab.pre is not None:
-        writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    if vocab.scores is not None:
-        writer.add_token_scores(vocab.scores)
-    if vocab.merges:
-        writer.add_token_merges(vocab.merges)
-    for name, add in (
-        ("bos_token_id", writer.add_bos_token_id),
-        ("eos_token_id", writer.add_eos_token_id),
-        ("unk_token_id", writer.add_unk_token_id),
-        ("pad_token_id", writer.add_pad_token_id),
-    ):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and value >= 0:
-            add(value)
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    writer.add_add_bos_token(bool(probe) and bos is not None and probe[0] == bos)
-    writer.add_add_eos_token(bool(probe) and eos is not None and probe[-1] == eos and len(probe) > 1)
-    if vocab.model == "llama":
-        writer.add_add_space_prefix(True)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        writer.add_chat_template(template)
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -436,6 +312,28 @@ def _atomic_file(path: Path, force: bool) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _add_hparams(writer: Any, arch: str, layers: list[GGUFLayer], config: Any, n_vocab: int) -> None:
+    """The ``{arch}.*`` keys: sizes (per layer for ``deci``), head size, RoPE base, norm epsilon."""
+    writer.add_block_count(len(layers))
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_vocab_size(n_vocab)
+    if arch == "llama":
+        writer.add_feed_forward_length(layers[0].n_ff)
+        writer.add_head_count(layers[0].n_head)
+        writer.add_head_count_kv(layers[0].n_head_kv)
+    else:
+        writer.add_feed_forward_length([s.n_ff for s in layers])
+        writer.add_head_count([s.n_head for s in layers])
+        writer.add_head_count_kv([s.n_head_kv for s in layers])
+    head_dim = _head_dim(config)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
 def write_gguf(
@@ -478,15 +376,15 @@ def write_gguf(
     check_gguf_family(spec, config)
     layers = gguf_layers(model)
     if check_plan:
-        check_gguf_plan({i: {k for k, n in (("attn", s.n_head), ("mlp", s.n_ff)) if n == 0} for i, s in enumerate(layers)}, [])
-    _vocab(tokenizer, int(model.get_input_embeddings().weight.shape[0]))  # refuse before writing
+        gone = {i: {k for k, n in (("attn", s.n_head), ("mlp", s.n_ff)) if n == 0} for i, s in enumerate(layers)}
+        check_gguf_plan(gone, [])
+    check_tokenizer(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
     out_path = Path(out)
     needed = estimate_gguf_bytes(model, spec, gguf_type, tokenizer)
     check_free_disk(out_path.absolute().parent, needed, "write elsewhere with -o, or choose --gguf-type f16")
     uniform = all(s == layers[0] and s.n_head and s.n_ff for s in layers)
     arch = "llama" if uniform else "deci"
     layers = _as_written(layers, config)
-    rope = _rope(config)
     n_vocab = int(model.get_input_embeddings().weight.shape[0])
     with _atomic_file(out_path, force) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -494,25 +392,8 @@ def write_gguf(
         writer.add_name(str(getattr(config, "_name_or_path", "") or "depthprune export").rsplit("/", 1)[-1] or "model")
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type])
-        writer.add_block_count(len(layers))
-        writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
-        writer.add_embedding_length(int(config.hidden_size))
-        writer.add_vocab_size(n_vocab)
-        if arch == "llama":
-            writer.add_feed_forward_length(layers[0].n_ff)
-            writer.add_head_count(layers[0].n_head)
-            writer.add_head_count_kv(layers[0].n_head_kv)
-        else:
-            writer.add_feed_forward_length([s.n_ff for s in layers])
-            writer.add_head_count([s.n_head for s in layers])
-            writer.add_head_count_kv([s.n_head_kv for s in layers])
-        head_dim = _head_dim(config)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        _add_tokenizer(writer, tokenizer, n_vocab)
+        _add_hparams(writer, arch, layers, config, n_vocab)
+        add_tokenizer(writer, tokenizer, n_vocab)
         if manifest is not None:
             writer.add_string(MANIFEST_KEY, json.dumps(manifest))
         for name, tensor in _tensors(model, spec, layers):
