@@ -86,19 +86,25 @@ def _relative_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
 # --------------------------------------------------------------------------- tiny models
 
 
-def test_folded_biases_run_in_llamacpp(tmp_path: Path) -> None:
-    """A plain checkpoint with bias flags on (what folded emulators become) runs with its biases."""
+@pytest.mark.parametrize(("removed", "arch"), [((), "llama"), ((Unit("attn", 1),), "deci")])
+def test_folded_biases_run_in_llamacpp(removed: tuple[Unit, ...], arch: str, tmp_path: Path) -> None:
+    """A checkpoint with bias flags on (what folded emulators become) runs with its biases."""
     from conftest import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", attention_bias=True, mlp_bias=True)
     with torch.no_grad():
         for layer in model.model.layers:
-            for proj in (layer.self_attn.o_proj, layer.self_attn.q_proj, layer.mlp.down_proj):
+            for proj in (layer.self_attn.o_proj, layer.self_attn.q_proj, layer.mlp.down_proj, layer.mlp.up_proj):
                 proj.bias.normal_(0, 0.5)
-    path = write_gguf(model, tmp_path / "bias.gguf", tokenizer=tiny_tokenizer())
     ids = [5, 17, 99, 3, 250, 41]
-    ours = _torch_logits(model, ids)
-    assert _relative_diff(ours, _llama_logits(_llama(path), ids)) < LOGIT_TOL
+    with mask_units(model, removed):
+        ours = _torch_logits(model, ids)
+    if removed:
+        to_depthpruned_(model, dict.fromkeys(removed))
+    path = write_gguf(model, tmp_path / "bias.gguf", tokenizer=tiny_tokenizer())
+    llm = _llama(path)
+    assert llm.metadata["general.architecture"] == arch
+    assert _relative_diff(ours, _llama_logits(llm, ids)) < LOGIT_TOL
 
 
 def test_llamacpp_drops_the_attention_of_a_layer_without_mlp(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
