@@ -119,7 +119,7 @@ def test_biases_of_folded_models_are_written(tmp_path: Path) -> None:
         (["--remove", "block.1", "--format", "gguf", "--gguf-type", "q4_0"], "unknown GGUF type 'q4_0'"),
         (["--remove", "block.1", "--gguf-type", "f16"], "applies to --format gguf only"),
         (["--remove", "mlp.2", "--format", "gguf"], "cannot remove mlp.2 while keeping that layer's attention"),
-        (["--remove", "attn.1", "--recover", "bias", "--data", "TEXT", "--format", "gguf"], "cannot express emulators"),
+        (["--remove", "attn.1", "--recover", "lowrank:4", "--data", "TEXT", "--format", "gguf"], "cannot express emulators"),
     ],
 )
 def test_bad_gguf_exports_exit_2_with_one_line(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ def export(
     source_dir: Path | None = None,
     export_format: ExportFormat = "hf",
     gguf_type: str = "f32",
+    sources: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer) to ``out`` atomically.
 
@@ -84,6 +84,8 @@ def export(
         source_dir: The local folder the model was loaded from; refused as ``out``.
         export_format: ``hf``, ``nemotron-nas`` or ``gguf``.
         gguf_type: ``f32``, ``f16`` or ``bf16``: the type of the matrices in a GGUF export.
+        sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
+            (see :func:`depthprune._fs.check_target`).
 
     Returns:
         The output folder.
@@ -93,12 +95,11 @@ def export(
             ``export_format``.
     """
     out_path = Path(out)
-    if source_dir is not None and out_path.resolve() == Path(source_dir).resolve():
-        raise InputError(f"refusing to write into the source model folder {str(source_dir)!r}; choose another -o")
+    sources = dict(sources or {})
+    sources["models"] = [*sources.get("models", ()), source_dir]
     check_choice(export_format, EXPORT_FORMATS, "export format")
     body = {
         "depthprune_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "format": export_format,
         **(manifest or {}),
     }
@@ -107,13 +108,15 @@ def export(
 
         if tokenizer is None:
             raise InputError("the gguf format embeds the tokenizer, but the model has none; save one beside the model")
-        return write_gguf(model, out_path, tokenizer=tokenizer, gguf_type=gguf_type, manifest=body, force=force)
+        return write_gguf(
+            model, out_path, tokenizer=tokenizer, gguf_type=gguf_type, manifest=body, force=force, sources=sources
+        )
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
     check_free_disk(out_path.absolute().parent, _checkpoint_bytes(model), "write elsewhere with -o")
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, **sources) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, variant=WEIGHTS_VARIANT if depthpruned else None)
         if depthpruned:
             (tmp / "README.md").write_text(_NEEDS_DEPTHPRUNE.format(family=getattr(model.config, "model_type", "")), encoding="utf-8")

@@ -17,8 +17,9 @@ SentencePiece-style BPE with byte fallback as ``llama``. ``depthprune.json``'s c
 
 What this format refuses, before anything is written (see :func:`check_gguf_plan`):
 
-* emulators (llama.cpp has no module for a low-rank or bias update on the residual
-  stream); emulators folded into stock weights are plain biases and export fine;
+* emulators that stay modules (llama.cpp has no module for an update computed from the
+  residual stream); emulators folded into stock weights (:mod:`depthprune.recover.fold`)
+  are plain weights and biases and export fine;
 * a layer whose attention is kept but whose MLP is removed: llama.cpp's ``deci`` graph
   skips the whole layer when its feed-forward length is 0 (``if (n_ff == 0) continue;``
   before the attention output is added to the residual), so it would silently drop the
@@ -33,11 +34,9 @@ same reordering on import.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from depthprune._fs import check_free_disk
+from depthprune._fs import atomic_file, check_free_disk, check_output
 from depthprune.architectures import ArchSpec, get_submodule
 from depthprune.errors import InputError, check_choice
 from depthprune.gguf_vocab import add_tokenizer, check_tokenizer
@@ -126,8 +125,9 @@ def check_gguf_plan(removed: dict[int, set[str]], emulated: list[str]) -> None:
     """
     if emulated:
         raise InputError(
-            f"the gguf format cannot express emulators ({', '.join(emulated)}): llama.cpp has no module for them; "
-            "use --recover none, or --format hf"
+            f"the gguf format cannot express emulators that stay modules ({', '.join(emulated)}): llama.cpp has no "
+            "module for them; use --recover bias or linear:R where they fold into stock weights, --recover none, "
+            "or --format hf"
         )
     bad = sorted(i for i, kinds in removed.items() if kinds == {"mlp"})
     if bad:
@@ -297,23 +297,6 @@ def estimate_gguf_bytes(model: nn.Module, spec: ArchSpec, gguf_type: str, tokeni
 # --------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path, force: bool) -> Iterator[Path]:
-    from depthprune._fs import _apply_umask, check_output
-
-    target = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.absolute().parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        _apply_umask(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _add_hparams(writer: Any, arch: str, layers: list[GGUFLayer], config: Any, n_vocab: int) -> None:
     """The ``{arch}.*`` keys: sizes (per layer for ``deci``), head size, RoPE base, norm epsilon."""
     writer.add_block_count(len(layers))
@@ -344,6 +327,7 @@ def write_gguf(
     gguf_type: str = "f32",
     manifest: dict[str, Any] | None = None,
     force: bool = False,
+    sources: dict[str, Any] | None = None,
     check_plan: bool = True,
 ) -> Path:
     """Write a (pruned) Llama-layout model and its tokenizer as one GGUF file, atomically.
@@ -356,6 +340,8 @@ def write_gguf(
         gguf_type: ``f32``, ``f16`` or ``bf16`` for the matrices; norms and biases stay f32.
         manifest: Stored as JSON under the metadata key ``depthprune.manifest``.
         force: Replace an existing ``out``.
+        sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
+            (see :func:`depthprune._fs.check_target`).
         check_plan: Refuse layers that llama.cpp runs wrong (see :func:`check_gguf_plan`);
             only tests that show llama.cpp's behaviour turn this off.
 
@@ -379,14 +365,14 @@ def write_gguf(
         gone = {i: {k for k, n in (("attn", s.n_head), ("mlp", s.n_ff)) if n == 0} for i, s in enumerate(layers)}
         check_gguf_plan(gone, [])
     check_tokenizer(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
-    out_path = Path(out)
+    out_path = check_output(out, force, "file", **(sources or {}))
     needed = estimate_gguf_bytes(model, spec, gguf_type, tokenizer)
     check_free_disk(out_path.absolute().parent, needed, "write elsewhere with -o, or choose --gguf-type f16")
     uniform = all(s == layers[0] and s.n_head and s.n_ff for s in layers)
     arch = "llama" if uniform else "deci"
     layers = _as_written(layers, config)
     n_vocab = int(model.get_input_embeddings().weight.shape[0])
-    with _atomic_file(out_path, force) as tmp:
+    with atomic_file(out_path, force, **(sources or {})) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(str(getattr(config, "_name_or_path", "") or "depthprune export").rsplit("/", 1)[-1] or "model")
