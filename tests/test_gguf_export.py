@@ -21,6 +21,7 @@ from depthprune.errors import InputError
 from depthprune.gguf_export import MANIFEST_KEY, write_gguf
 from depthprune.loading import LoadConfig, load_model
 from depthprune.prune import prune_
+from depthprune.pruned_classes import to_depthpruned_
 from depthprune.units import Unit, mask_units
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 8, 120]])
@@ -119,7 +120,7 @@ def test_biases_of_folded_models_are_written(tmp_path: Path) -> None:
         (["--remove", "block.1", "--format", "gguf", "--gguf-type", "q4_0"], "unknown GGUF type 'q4_0'"),
         (["--remove", "block.1", "--gguf-type", "f16"], "applies to --format gguf only"),
         (["--remove", "mlp.2", "--format", "gguf"], "cannot remove mlp.2 while keeping that layer's attention"),
-        (["--remove", "attn.1", "--recover", "lowrank:4", "--data", "TEXT", "--format", "gguf"], "cannot express emulators"),
+        (["--remove", "attn.1", "--recover", "lowrank:4", "--heldout", "0", "--data", "TEXT", "--format", "gguf"], "cannot express emulators"),
     ],
 )
 def test_bad_gguf_exports_exit_2_with_one_line(
@@ -169,4 +170,16 @@ def test_exports_larger_than_the_free_disk_are_refused(
     config = PruneConfig(out=tmp_path / "hf", remove="attn.1")
     with pytest.raises(InputError, match="the export needs about"):
         prune_model(LoadConfig(str(tiny_model_dirs["llama"])), config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_emulator_that_stays_a_module_is_refused(tmp_path: Path) -> None:
+    from conftest import tiny_model, tiny_tokenizer
+
+    from depthprune.recover.emulators import BiasEmulator
+
+    model = tiny_model("llama")
+    to_depthpruned_(model, {Unit("mlp", 1): BiasEmulator.empty(32), Unit("attn", 1): None})
+    with pytest.raises(InputError, match=r"cannot express emulators that stay modules \(mlp\.1 -> bias\)"):
+        write_gguf(model, tmp_path / "e.gguf", tokenizer=tiny_tokenizer())
     assert list(tmp_path.iterdir()) == []

@@ -107,6 +107,25 @@ def test_folded_biases_run_in_llamacpp(removed: tuple[Unit, ...], arch: str, tmp
     assert _relative_diff(ours, _llama_logits(llm, ids)) < LOGIT_TOL
 
 
+@pytest.mark.parametrize("recover", ["bias", "linear:4"])
+def test_folded_emulators_export_as_gguf_and_match(recover: str, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """``prune --recover bias|linear:R --format gguf``: the folded model, written through the same path."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 60)
+    common: dict[str, Any] = {"remove": "block.2", "recover": recover, "data": str(text), "n_samples": 4, "seq_len": 32}
+    common["heldout"] = 0.0  # keep the emulator whether or not it helps this random model
+    load = LoadConfig(str(tiny_model_dirs["llama"]), dtype="float32")
+    prune_model(load, PruneConfig(out=tmp_path / "hf", **common))
+    prune_model(load, PruneConfig(out=tmp_path / "m.gguf", export_format="gguf", **common))
+    folded = load_model(str(tmp_path / "hf"), dtype="float32").model
+    assert type(folded).__name__ == "LlamaForCausalLM"  # folded: a standard checkpoint
+    ids = [5, 17, 99, 3, 250, 41]
+    ours = _torch_logits(folded, ids)
+    unfolded = _torch_logits(load_model(str(tiny_model_dirs["llama"]), dtype="float32").model, ids)
+    assert _relative_diff(unfolded, ours) > 0.01  # the fold changed the model
+    assert _relative_diff(ours, _llama_logits(_llama(tmp_path / "m.gguf"), ids)) < LOGIT_TOL
+
+
 def test_llamacpp_drops_the_attention_of_a_layer_without_mlp(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """Why ``--format gguf`` refuses ``mlp.i`` without ``attn.i``: llama.cpp's deci graph skips the layer.
 

@@ -212,9 +212,11 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         check_family(spec)
         check_nemotron_nas_plan(table)
     if prune.export_format == "gguf":
-        # Emulators may fold into stock weights; one that stays a module is refused at export.
+        # bias and linear:R may fold into stock weights (one that does not is refused at
+        # export); a low-rank emulator reads the stream and never folds.
         check_gguf_family(spec, config)
-        check_gguf_plan(removed_paths(table), [])
+        never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
+        check_gguf_plan(removed_paths(table), never_fold)
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
