@@ -11,15 +11,15 @@ from typing import Any, Literal
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import atomic_dir
-from depthprune.errors import check_choice
+from depthprune._fs import atomic_dir, check_free_disk
+from depthprune.errors import InputError, check_choice
 from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "depthprune.json"
-ExportFormat = Literal["hf", "nemotron-nas"]
-EXPORT_FORMATS: tuple[str, ...] = ("hf", "nemotron-nas")
+ExportFormat = Literal["hf", "nemotron-nas", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("hf", "nemotron-nas", "gguf")
 
 
 _NEEDS_DEPTHPRUNE = """\
@@ -53,6 +53,7 @@ def export(
     force: bool = False,
     source_dir: Path | None = None,
     export_format: ExportFormat = "hf",
+    gguf_type: str = "f32",
     sources: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer) to ``out`` atomically.
@@ -70,6 +71,10 @@ def export(
     ``DeciLMForCausalLM`` serves: ``block_configs`` with ``no_op`` attention and FFN
     entries (see :mod:`depthprune.nemotron_nas`).
 
+    With ``export_format="gguf"`` (Llama-layout families, no emulators) ``out`` is one
+    ``.gguf`` file that llama.cpp runs, with the tokenizer and the manifest inside it (see
+    :mod:`depthprune.gguf_export`).
+
     Args:
         model: The model to save; weights are written as safetensors.
         out: The output folder.
@@ -77,9 +82,10 @@ def export(
         manifest: Extra content of ``depthprune.json`` (source, removed units, index map...).
         force: Replace an existing ``out``.
         source_dir: The local folder the model was loaded from; refused as ``out``.
+        export_format: ``hf``, ``nemotron-nas`` or ``gguf``.
+        gguf_type: ``f32``, ``f16`` or ``bf16``: the type of the matrices in a GGUF export.
         sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
             (see :func:`depthprune._fs.check_target`).
-        export_format: ``hf`` or ``nemotron-nas``.
 
     Returns:
         The output folder.
@@ -92,7 +98,21 @@ def export(
     sources = dict(sources or {})
     sources["models"] = [*sources.get("models", ()), source_dir]
     check_choice(export_format, EXPORT_FORMATS, "export format")
+    body = {
+        "depthprune_version": __version__,
+        "format": export_format,
+        **(manifest or {}),
+    }
+    if export_format == "gguf":
+        from depthprune.gguf_export import write_gguf
+
+        if tokenizer is None:
+            raise InputError("the gguf format embeds the tokenizer, but the model has none; save one beside the model")
+        return write_gguf(
+            model, out_path, tokenizer=tokenizer, gguf_type=gguf_type, manifest=body, force=force, sources=sources
+        )
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
+    check_free_disk(out_path.absolute().parent, _checkpoint_bytes(model), "write elsewhere with -o")
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
@@ -104,14 +124,20 @@ def export(
             write_nemotron_nas(tmp, nas_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        body = {
-            "depthprune_version": __version__,
-            "format": export_format,
-            **(manifest or {}),
-        }
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", out_path)
     return out_path
+
+
+def _checkpoint_bytes(model: nn.Module) -> int:
+    """An upper estimate of a safetensors checkpoint's size: each tensor once, plus 1 MiB."""
+    seen: set[int] = set()
+    total = 1 << 20
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size() + 256
+    return total
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
