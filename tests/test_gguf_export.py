@@ -18,7 +18,7 @@ import torch
 from depthprune.api import PruneConfig, prune_model
 from depthprune.cli import main
 from depthprune.errors import InputError
-from depthprune.gguf_export import MANIFEST_KEY, write_gguf
+from depthprune.gguf_export import MANIFEST_KEY, ZERO_FFN, write_gguf
 from depthprune.loading import LoadConfig, load_model
 from depthprune.prune import prune_
 from depthprune.pruned_classes import to_depthpruned_
@@ -80,6 +80,19 @@ def test_sublayer_pruned_model_is_deci_with_per_layer_arrays(tiny_model_dirs: di
     assert data["blk.0.attn_output.weight"].shape == (32, 32) and not data["blk.0.attn_output.weight"].any()
 
 
+def test_a_layer_without_its_mlp_gets_a_zero_stand_in(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """``mlp.i`` with ``attn.i`` kept: a declared width of 0 would make llama.cpp skip the attention."""
+    out = _prune(tiny_model_dirs["llama"], tmp_path / "m.gguf", "mlp.1,block.2")
+    reader = _read(out)
+    assert list(_field(reader, "deci.feed_forward_length")) == [64, ZERO_FFN, 64]
+    assert list(_field(reader, "deci.attention.head_count")) == [4, 4, 4]
+    data = {t.name: np.array(t.data) for t in reader.tensors}
+    for name in ("ffn_gate", "ffn_up", "ffn_down"):
+        stand_in = data[f"blk.1.{name}.weight"]
+        assert ZERO_FFN in stand_in.shape and not stand_in.any()
+    assert data["blk.1.attn_k.weight"].any() and data["blk.2.ffn_down.weight"].any()
+
+
 @pytest.mark.parametrize(("gguf_type", "ggml"), [("f16", "F16"), ("bf16", "BF16")])
 def test_half_types_halve_the_matrices_and_keep_norms_f32(
     gguf_type: str, ggml: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
@@ -119,7 +132,6 @@ def test_biases_of_folded_models_are_written(tmp_path: Path) -> None:
     [
         (["--remove", "block.1", "--format", "gguf", "--gguf-type", "q4_0"], "unknown GGUF type 'q4_0'"),
         (["--remove", "block.1", "--gguf-type", "f16"], "applies to --format gguf only"),
-        (["--remove", "mlp.2", "--format", "gguf"], "cannot remove mlp.2 while keeping that layer's attention"),
         (["--remove", "attn.1", "--recover", "lowrank:4", "--heldout", "0", "--data", "TEXT", "--format", "gguf"], "cannot express emulators"),
     ],
 )

@@ -127,10 +127,12 @@ def test_folded_emulators_export_as_gguf_and_match(recover: str, tiny_model_dirs
 
 
 def test_llamacpp_drops_the_attention_of_a_layer_without_mlp(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """Why ``--format gguf`` refuses ``mlp.i`` without ``attn.i``: llama.cpp's deci graph skips the layer.
+    """Why ``--format gguf`` writes a zero MLP for ``mlp.i`` without ``attn.i``.
 
-    When this test fails, llama.cpp has fixed its ``n_ff == 0`` path and the refusal in
-    :func:`depthprune.gguf_export.check_gguf_plan` can go.
+    Declared with a feed-forward length of 0, the layer is skipped whole by llama.cpp's
+    deci graph, attention included; with the zero stand-in it runs as our masked model.
+    When the first half fails, llama.cpp has fixed its ``n_ff == 0`` path and the stand-in
+    in :func:`depthprune.gguf_export._as_written` can go.
     """
     lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32")
     ids = [5, 17, 99, 3, 250, 41]
@@ -141,10 +143,14 @@ def test_llamacpp_drops_the_attention_of_a_layer_without_mlp(tiny_model_dirs: di
             whole_block = lm.model(torch.tensor([ids])).logits[0].numpy()
     assert _relative_diff(whole_block, mlp_only) > 0.05  # the attention of layer 1 matters
     to_depthpruned_(lm.model, {Unit("mlp", 1): None}, lm.spec)
-    path = write_gguf(lm.model, tmp_path / "mlp1.gguf", tokenizer=lm.tokenizer, check_plan=False)
+    path = write_gguf(lm.model, tmp_path / "mlp1.gguf", tokenizer=lm.tokenizer, ffn_stand_in=False)
     theirs = _llama_logits(_llama(path), ids)
     assert _relative_diff(whole_block, theirs) < LOGIT_TOL
     assert _relative_diff(mlp_only, theirs) > 0.05
+    fixed = write_gguf(lm.model, tmp_path / "mlp1-stand-in.gguf", tokenizer=lm.tokenizer)
+    llm = _llama(fixed)
+    assert llm.metadata["general.architecture"] == "deci"
+    assert _relative_diff(mlp_only, _llama_logits(llm, ids)) < LOGIT_TOL
 
 
 def test_stories260k_sentencepiece_vocab_and_logits(stories_dir: Path, stories_lm: Any, tmp_path: Path) -> None:
@@ -178,7 +184,7 @@ def _two_threads() -> Iterator[None]:
 CASES = {
     "blocks": "block.4,block.17,block.25",
     "attention": "attn.0,attn.6,attn.13,attn.21",
-    "mlp": "attn.3,mlp.3,mlp.11,attn.11,mlp.26,attn.26,attn.28",  # MLPs go with their layer's attention
+    "mlp": "mlp.3,mlp.11,mlp.26",  # attention kept: written with zero stand-in MLPs
 }
 
 

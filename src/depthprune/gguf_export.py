@@ -20,11 +20,14 @@ What this format refuses, before anything is written (see :func:`check_gguf_plan
 * emulators that stay modules (llama.cpp has no module for an update computed from the
   residual stream); emulators folded into stock weights (:mod:`depthprune.recover.fold`)
   are plain weights and biases and export fine;
-* a layer whose attention is kept but whose MLP is removed: llama.cpp's ``deci`` graph
-  skips the whole layer when its feed-forward length is 0 (``if (n_ff == 0) continue;``
-  before the attention output is added to the residual), so it would silently drop the
-  attention; ``tests/test_gguf_export.py`` shows this against llama.cpp itself;
 * sliding-window attention and RoPE scaling, which these writers do not translate.
+
+A layer whose attention is kept but whose MLP is removed cannot be declared with a
+feed-forward length of 0: llama.cpp's ``deci`` graph then skips the rest of the layer
+(``if (n_ff == 0) continue;``) before the attention output is added to the residual, so it
+would silently drop the attention too (``tests/test_gguf_llamacpp.py`` shows this against
+llama.cpp itself). Such a layer is written with a zero stand-in MLP of width
+:data:`ZERO_FFN` instead (see :func:`_as_written`), which adds exactly nothing.
 
 Llama-layout GGUF files store the query and key projections with each head's rows
 interleaved (llama.cpp's RoPE rotates adjacent pairs, transformers' rotates the two
@@ -56,6 +59,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["GGUF_TYPES", "GGUFLayer", "check_gguf_plan", "estimate_gguf_bytes", "gguf_layers", "write_gguf"]
 
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16")
+# Width of the zero MLP written for a layer that keeps its attention but lost its MLP: a
+# multiple of 256 so that llama.cpp's k-quants (llama-quantize) can still quantize the file.
+ZERO_FFN = 256
 MANIFEST_KEY = "depthprune.manifest"
 # Bytes of header, metadata and alignment padding beyond the tokenizer and the tensors.
 _HEADER_SLACK = 1 << 20
@@ -68,11 +74,17 @@ _MLP_PROJ = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_pro
 
 @dataclass(frozen=True)
 class GGUFLayer:
-    """One layer as llama.cpp's ``deci`` hyperparameters describe it (0 = removed)."""
+    """One layer as llama.cpp's ``deci`` hyperparameters describe it (0 = removed).
+
+    ``stand_in_attn`` / ``stand_in_ffn`` mark zero sublayers written in place of removed
+    ones that llama.cpp cannot declare as absent (see :func:`_as_written`).
+    """
 
     n_head: int
     n_head_kv: int
     n_ff: int
+    stand_in_attn: bool = False
+    stand_in_ffn: bool = False
 
 
 # --------------------------------------------------------------------------- checks
@@ -121,21 +133,13 @@ def check_gguf_plan(removed: dict[int, set[str]], emulated: list[str]) -> None:
         emulated: ``"unit -> replacement"`` descriptions of emulated units.
 
     Raises:
-        InputError: emulators, or a layer with its attention kept and its MLP removed.
+        InputError: emulators that stay modules.
     """
     if emulated:
         raise InputError(
             f"the gguf format cannot express emulators that stay modules ({', '.join(emulated)}): llama.cpp has no "
             "module for them; use --recover bias or linear:R where they fold into stock weights, --recover none, "
             "or --format hf"
-        )
-    bad = sorted(i for i, kinds in removed.items() if kinds == {"mlp"})
-    if bad:
-        units = ", ".join(f"mlp.{i}" for i in bad)
-        raise InputError(
-            f"the gguf format cannot remove {units} while keeping that layer's attention: llama.cpp's deci graph "
-            "then drops the attention too; remove the whole block (block.N) or its attention as well, or use "
-            "--format hf or nemotron-nas"
         )
 
 
@@ -190,20 +194,28 @@ def gguf_layers(model: nn.Module) -> list[GGUFLayer]:
     ]
 
 
-def _as_written(layers: list[GGUFLayer], config: Any) -> list[GGUFLayer]:
-    """The layers as the file declares them: a first layer without attention gets a zero stand-in.
+def _as_written(layers: list[GGUFLayer], config: Any, ffn_stand_in: bool = True) -> list[GGUFLayer]:
+    """The layers as the file declares them, with zero stand-ins where llama.cpp needs one.
 
-    llama.cpp derives the head size from layer 0's head count (and reads
-    ``attention.key_length`` only when that count is positive), so a ``deci`` file whose
-    layer 0 has no attention fails to load. That layer is written instead as a ``deci``
-    "linear attention" (``n_head > 0``, ``n_head_kv == 0``: the normed input times
-    ``attn_output``) whose ``attn_output`` is zero, which adds exactly nothing: D x D
-    zeros and one matrix product per token, no KV cache.
+    * llama.cpp derives the head size from layer 0's head count (and reads
+      ``attention.key_length`` only when that count is positive), so a ``deci`` file whose
+      layer 0 has no attention fails to load. That layer is written instead as a ``deci``
+      "linear attention" (``n_head > 0``, ``n_head_kv == 0``: the normed input times
+      ``attn_output``) whose ``attn_output`` is zero, which adds exactly nothing: D x D
+      zeros and one matrix product per token, no KV cache.
+    * A layer that keeps its attention but lost its MLP gets an MLP of width
+      :data:`ZERO_FFN` whose three matrices are zero: ``down(silu(gate x) * up x)`` is then
+      exactly 0, where a declared width of 0 would make llama.cpp skip the attention too.
+      ``ffn_stand_in=False`` writes the width 0 (only to show llama.cpp's behaviour).
     """
-    if not layers or layers[0].n_head:
-        return layers
-    first = GGUFLayer(n_head=int(config.num_attention_heads), n_head_kv=0, n_ff=layers[0].n_ff)
-    return [first, *layers[1:]]
+    out = []
+    for i, s in enumerate(layers):
+        if i == 0 and not s.n_head:
+            s = GGUFLayer(int(config.num_attention_heads), 0, s.n_ff, stand_in_attn=True)
+        if ffn_stand_in and s.n_head and not s.n_ff:
+            s = GGUFLayer(s.n_head, s.n_head_kv, ZERO_FFN, stand_in_attn=s.stand_in_attn, stand_in_ffn=True)
+        out.append(s)
+    return out
 
 
 def _head_dim(config: Any) -> int:
@@ -233,7 +245,7 @@ def _tensors(model: nn.Module, spec: ArchSpec, layers: list[GGUFLayer]) -> Itera
     yield "token_embd.weight", embed
     dim = int(config.hidden_size)
     for i, (layer, shape) in enumerate(zip(layout.layers, layers, strict=True)):
-        if shape.n_head and not shape.n_head_kv:  # the zero stand-in of _as_written
+        if shape.stand_in_attn:
             yield f"blk.{i}.attn_norm.weight", torch.ones(dim)
             yield f"blk.{i}.attn_output.weight", torch.zeros(dim, dim)
         elif shape.n_head:
@@ -250,7 +262,12 @@ def _tensors(model: nn.Module, spec: ArchSpec, layers: list[GGUFLayer]) -> Itera
                 yield f"blk.{i}.{gguf_name}.weight", weight
                 if bias is not None:
                     yield f"blk.{i}.{gguf_name}.bias", bias
-        if shape.n_ff:
+        if shape.stand_in_ffn:
+            yield f"blk.{i}.ffn_norm.weight", torch.ones(dim)
+            yield f"blk.{i}.ffn_gate.weight", torch.zeros(shape.n_ff, dim)
+            yield f"blk.{i}.ffn_up.weight", torch.zeros(shape.n_ff, dim)
+            yield f"blk.{i}.ffn_down.weight", torch.zeros(dim, shape.n_ff)
+        elif shape.n_ff:
             (norm,) = spec.mlp.pre_norms
             yield f"blk.{i}.ffn_norm.weight", get_submodule(layer, norm).weight
             mlp = get_submodule(layer, spec.mlp.module)
@@ -328,7 +345,7 @@ def write_gguf(
     manifest: dict[str, Any] | None = None,
     force: bool = False,
     sources: dict[str, Any] | None = None,
-    check_plan: bool = True,
+    ffn_stand_in: bool = True,
 ) -> Path:
     """Write a (pruned) Llama-layout model and its tokenizer as one GGUF file, atomically.
 
@@ -342,8 +359,9 @@ def write_gguf(
         force: Replace an existing ``out``.
         sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
             (see :func:`depthprune._fs.check_target`).
-        check_plan: Refuse layers that llama.cpp runs wrong (see :func:`check_gguf_plan`);
-            only tests that show llama.cpp's behaviour turn this off.
+        ffn_stand_in: Write a zero MLP where a layer keeps its attention but lost its MLP
+            (see :func:`_as_written`); only the test that shows llama.cpp's behaviour
+            without it turns this off.
 
     Returns:
         The written file.
@@ -361,16 +379,13 @@ def write_gguf(
     config = model.config
     check_gguf_family(spec, config)
     layers = gguf_layers(model)
-    if check_plan:
-        gone = {i: {k for k, n in (("attn", s.n_head), ("mlp", s.n_ff)) if n == 0} for i, s in enumerate(layers)}
-        check_gguf_plan(gone, [])
     check_tokenizer(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
     out_path = check_output(out, force, "file", **(sources or {}))
     needed = estimate_gguf_bytes(model, spec, gguf_type, tokenizer)
     check_free_disk(out_path.absolute().parent, needed, "write elsewhere with -o, or choose --gguf-type f16")
     uniform = all(s == layers[0] and s.n_head and s.n_ff for s in layers)
     arch = "llama" if uniform else "deci"
-    layers = _as_written(layers, config)
+    layers = _as_written(layers, config, ffn_stand_in)
     n_vocab = int(model.get_input_embeddings().weight.shape[0])
     with atomic_file(out_path, force, **(sources or {})) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
