@@ -222,7 +222,7 @@ def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Pa
 
 def test_head_chunk_follows_the_budget(sharded_llama: Path) -> None:
     probe = open_streamed(str(sharded_llama))
-    assert probe.head_chunk_rows() == probe.vocab_size  # the default 8192 rows cover the tiny vocabulary
+    assert probe.head_chunk_rows() == probe.vocab_size  # the default 4096 rows cover the tiny vocabulary
     layer = max(probe.ckpt.nbytes(n) for n in probe._layer_names)
     budgeted = open_streamed(str(sharded_llama), StreamConfig(budget=1 << 30))
     rows = budgeted.head_chunk_rows()

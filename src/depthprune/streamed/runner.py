@@ -96,7 +96,7 @@ class _ChunkHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-DEFAULT_HEAD_CHUNK = 8192  # vocabulary rows per LM-head chunk when no budget says otherwise
+DEFAULT_HEAD_CHUNK = 4096  # vocabulary rows per LM-head chunk when no budget says otherwise
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class StreamConfig:
         spill_dir: Where the temporary spill folder is made (default: the system's).
         head_rows: Sequences per LM-head call at the end (the logits of a whole batch
             can be larger than the model's layers).
-        head_chunk: Vocabulary rows of the LM head read at a time. ``None``: 8192, or
+        head_chunk: Vocabulary rows of the LM head read at a time. ``None``: 4096, or
             fewer under a budget (no more bytes than the largest decoder layer).
     """
 
