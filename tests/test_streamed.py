@@ -220,6 +220,19 @@ def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Pa
     assert [b - a for _, a, b in reads] and max(b - a for _, a, b in reads) <= 96
 
 
+def test_a_head_that_cannot_be_chunked_is_loaded_whole(sharded_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _tokens()
+    config = ScoreConfig(metrics=("loo_loss", "loo_kl"), batch_size=2, show_progress=False)
+    expected = score(load_model(sharded_llama).model, data, config)
+    monkeypatch.setattr(StreamedModel, "head_is_chunked", property(lambda self: False))
+    reads: list[int] = []
+    monkeypatch.setattr(LazyCheckpoint, "read_rows", lambda *a: reads.append(1))
+    streamed = open_streamed(str(sharded_llama), CHUNKED)
+    assert streamed.head_chunk_rows() is None and streamed.n_head_chunks() == 1
+    _close(expected.scores, score_streamed(streamed, data, config).scores)
+    assert reads == []
+
+
 def test_head_chunk_follows_the_budget(sharded_llama: Path) -> None:
     probe = open_streamed(str(sharded_llama))
     assert probe.head_chunk_rows() == probe.vocab_size  # the default 4096 rows cover the tiny vocabulary
