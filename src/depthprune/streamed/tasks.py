@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -131,7 +132,85 @@ def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
     return values
 
 
+def next_token_valid(mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``(B, T-1)`` whose next token is scored, as ``NextTokenTargets.of`` (float64)."""
+    return (mask[:, 1:].bool() & mask[:, :-1].bool()).double()
+
+
 @torch.no_grad()
+def branch_token_losses(
+    streamed: StreamedModel,
+    batches: Sequence[Batch],
+    states: dict[frozenset[Unit], int],
+    store: Any,
+    reference: frozenset[Unit] | None = None,
+    show_progress: bool = False,
+    desc: str = "streamed head",
+) -> dict[frozenset[Unit], list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Each branch's per-token next-token NLL, and KL from a reference branch, from the chunked head.
+
+    The LM head is read once, a chunk of vocabulary rows at a time; every sequence of every
+    branch passes each chunk, ``head_rows`` sequences per call, and the per-token
+    log-sum-exps, target logits and KL terms are folded over the chunks
+    (:mod:`depthprune.streamed.head`).
+
+    Args:
+        streamed: The model, after :meth:`StreamedModel.run` filled ``store``.
+        batches: The batches of that run.
+        states: Branch -> its state id in ``store`` (what ``run`` returned).
+        store: The activation store.
+        reference: With a branch of ``states``: also ``KL(p_reference || p_branch)`` per token.
+        show_progress: Show a progress bar on a terminal.
+        desc: The progress bar's label.
+
+    Returns:
+        Branch -> per batch ``(nll, kl)``, each ``(B, T-1)`` float64 (``kl`` ``None``
+        without a reference); positions that are not scored hold garbage, weigh them with
+        :func:`next_token_valid`.
+    """
+    step = streamed.config.head_rows
+    device = streamed.ckpt.device
+    groups = [(b, slice(r, r + step)) for b, (ids, _) in enumerate(batches) for r in range(0, ids.shape[0], step)]
+    others = [br for br in states if br != reference]
+    acc: list[tuple[ChunkedLogSumExp | None, dict[frozenset[Unit], tuple[ChunkedLogSumExp, ChunkedKL | None]]]] = []
+    for b, rows in groups:
+        targets = batches[b][0][rows, 1:].to(device)  # (R, T-1)
+        ref = ChunkedLogSumExp(targets) if reference is not None else None
+        acc.append((ref, {br: (ChunkedLogSumExp(targets), ChunkedKL(targets.shape, device) if ref is not None else None) for br in others}))
+    total = streamed.n_head_chunks() * len(groups)
+    with streamed.output_stage(), counter(total, desc, disable=not show_progress) as bar:
+        for start, chunk in streamed.head_chunks():
+            for (b, rows), (ref, per_branch) in zip(groups, acc, strict=True):
+                mask = batches[b][1][rows].to(device)
+                if ref is not None:
+                    x_ref = _logits64(streamed, store.get((states[reference], b))[rows], mask, chunk)[:, :-1]  # (R, T-1, C)
+                    alpha, e = ref.add(start, x_ref)
+                for br, (lse, kl) in per_branch.items():
+                    x = _logits64(streamed, store.get((states[br], b))[rows], mask, chunk)[:, :-1]
+                    lse.add(start, x)
+                    if kl is not None:
+                        kl.add(alpha, e, x_ref, x)
+                    del x
+                if ref is not None:
+                    del x_ref, alpha, e
+                bar.update()
+            del chunk
+    out: dict[frozenset[Unit], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    for br in states:
+        per_batch: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for b in range(len(batches)):
+            parts = [(ref, per_branch) for (bb, _), (ref, per_branch) in zip(groups, acc, strict=True) if bb == b]
+            if br == reference:
+                nll = torch.cat([ref.nll for ref, _ in parts])  # type: ignore[union-attr]
+                kl = torch.zeros_like(nll)
+            else:
+                nll = torch.cat([pb[br][0].nll for _, pb in parts])
+                kl = torch.cat([pb[br][1].value(ref, pb[br][0]) for ref, pb in parts]) if reference is not None else None  # type: ignore[union-attr,arg-type]
+            per_batch.append((nll, kl))
+        out[br] = per_batch
+    return out
+
+
 def _loo_head(
     streamed: StreamedModel,
     batches: Sequence[Batch],
@@ -143,52 +222,26 @@ def _loo_head(
 ) -> dict[tuple[str, Unit], RunningStats]:
     """The leave-one-out statistics from the final hidden states of every branch.
 
-    The LM head is read once, a chunk of vocabulary rows at a time; every sequence of every
-    branch passes each chunk, and the per-token log-sum-exps, target logits and KL terms
-    are folded over the chunks (:mod:`depthprune.streamed.head`). The values are those of
-    :func:`~depthprune.score.adaptive.add_loo_stats`: per sequence, the mean over its valid
-    next-token positions of the change of NLL, and of ``KL(p_full || p_masked)``.
+    The values are those of :func:`~depthprune.score.adaptive.add_loo_stats`: per
+    sequence, the mean over its valid next-token positions of the change of NLL, and of
+    ``KL(p_full || p_masked)`` (from :func:`branch_token_losses`).
     """
-    step = streamed.config.head_rows
     device = streamed.ckpt.device
-    full = states[frozenset()]
-    groups = [(b, slice(r, r + step)) for b, (ids, _) in enumerate(batches) for r in range(0, ids.shape[0], step)]
-    want_kl = "loo_kl" in metrics
-    acc: list[tuple[ChunkedLogSumExp, dict[Unit, tuple[ChunkedLogSumExp, ChunkedKL | None]]]] = []
-    for b, rows in groups:
-        targets = batches[b][0][rows, 1:].to(device)  # (R, T-1)
-        per_unit = {u: (ChunkedLogSumExp(targets), ChunkedKL(targets.shape, device) if want_kl else None) for u in units}
-        acc.append((ChunkedLogSumExp(targets), per_unit))
-    total = streamed.n_head_chunks() * len(groups)
-    with streamed.output_stage(), counter(total, "leave-one-out head", disable=not show_progress) as bar:
-        for start, chunk in streamed.head_chunks():
-            for (b, rows), (ref, per_unit) in zip(groups, acc, strict=True):
-                mask = batches[b][1][rows].to(device)
-                x_full = _logits64(streamed, store.get((full, b))[rows], mask, chunk)[:, :-1]  # (R, T-1, C)
-                alpha, e = ref.add(start, x_full)
-                for unit in units:
-                    x = _logits64(streamed, store.get((states[branch_of([unit])], b))[rows], mask, chunk)[:, :-1]
-                    lse, kl = per_unit[unit]
-                    lse.add(start, x)
-                    if kl is not None:
-                        kl.add(alpha, e, x_full, x)
-                    del x
-                del x_full, alpha, e
-                bar.update()
-            del chunk
+    full = frozenset()
+    reference = full if "loo_kl" in metrics else None
+    losses = branch_token_losses(streamed, batches, states, store, reference, show_progress, "leave-one-out head")
     stats: dict[tuple[str, Unit], RunningStats] = {}
-    for (b, rows), (ref, per_unit) in zip(groups, acc, strict=True):
-        mask = batches[b][1][rows].to(device)
-        valid = (mask[:, 1:].bool() & mask[:, :-1].bool()).double()  # (R, T-1), as NextTokenTargets.of
+    for b, (_, mask) in enumerate(batches):
+        valid = next_token_valid(mask.to(device))  # (B, T-1)
         n_valid = valid.sum(-1).clamp_min(1)
-        nll_full = _finite(ref.nll, "the full model's loss")
+        nll_full = _finite(losses[full][b][0], "the full model's loss")
         for unit in units:
-            lse, kl = per_unit[unit]
+            nll, kl = losses[branch_of([unit])][b]
             if "loo_loss" in metrics:
-                delta = _finite(((lse.nll - nll_full) * valid).sum(-1) / n_valid, f"the loss with {unit} masked")
+                delta = _finite(((nll - nll_full) * valid).sum(-1) / n_valid, f"the loss with {unit} masked")
                 stats.setdefault(("loo_loss", unit), RunningStats()).add(delta)
-            if kl is not None:
-                value = _finite((kl.value(ref, lse) * valid).sum(-1) / n_valid, f"the KL divergence with {unit} masked")
+            if kl is not None and "loo_kl" in metrics:
+                value = _finite((kl * valid).sum(-1) / n_valid, f"the KL divergence with {unit} masked")
                 stats.setdefault(("loo_kl", unit), RunningStats()).add(value)
     return stats
 
@@ -201,33 +254,60 @@ def perplexity_streamed(
     masked: Sequence[Unit] = (),
 ) -> dict[str, Any]:
     """:func:`depthprune.evaluate.perplexity.perplexity` of a streamed model (``masked`` units off)."""
+    return perplexity_streamed_many(streamed, tokenizer, source, config, [masked])[0]
+
+
+def perplexity_streamed_many(
+    streamed: StreamedModel,
+    tokenizer: Any,
+    source: str,
+    config: PerplexityConfig | None = None,
+    masks: Sequence[Sequence[Unit]] = ((),),
+) -> list[dict[str, Any]]:
+    """The perplexity with each of ``masks`` masked, all in one streamed pass.
+
+    Each mask is a branch (see :meth:`StreamedModel.run`), so every layer is read once
+    whatever the number of masks; the LM head is read once, in vocabulary chunks.
+
+    Returns:
+        One :func:`~depthprune.evaluate.perplexity.perplexity` result per mask, in order.
+    """
     config = config or PerplexityConfig()
-    branch = branch_of(list(masked))
+    branches = [branch_of(list(m)) for m in masks]
+    totals: dict[frozenset[Unit], float] = {}
 
     def score_batches(batches: list[WindowBatch]) -> float:
         inputs = [(wb.ids, wb.mask) for wb in batches]
         step = streamed.config.head_rows
         device = streamed.ckpt.device
-        total = 0.0
         with streamed.store(_batch_bytes(streamed, inputs)) as store:
-            state = streamed.run(inputs, [branch], store, show_progress=config.show_progress)[branch]
-            # The head is read once, a chunk of vocabulary rows at a time; every window passes
-            # each chunk (see _loo_head). Per token: lse - x(target), as cross_entropy.
+            states = streamed.run(inputs, branches, store, show_progress=config.show_progress)
+            # The head is read once, a chunk of vocabulary rows at a time; every window of every
+            # branch passes each chunk (see _loo_head). Per token: lse - x(target), as cross_entropy.
             groups = [(b, slice(r, r + step)) for b, wb in enumerate(batches) for r in range(0, len(wb.n_scored), step)]
-            acc = [ChunkedLogSumExp(batches[b].targets[rows].to(device)) for b, rows in groups]
+            acc = {br: [ChunkedLogSumExp(batches[b].targets[rows].to(device)) for b, rows in groups] for br in states}
             with streamed.output_stage():
                 for start, chunk in streamed.head_chunks():
-                    for (b, rows), lse in zip(groups, acc, strict=True):
+                    for g, (b, rows) in enumerate(groups):
                         wb = batches[b]
-                        hidden = store.get((state, b))[rows]  # (R, T, D)
-                        lse.add(start, _logits64(streamed, hidden, wb.mask[rows].to(device), chunk, wb.positions[rows].to(device)))
+                        mask, keep = wb.mask[rows].to(device), wb.positions[rows].to(device)
+                        for br, sid in states.items():
+                            hidden = store.get((sid, b))[rows]  # (R, T, D)
+                            acc[br][g].add(start, _logits64(streamed, hidden, mask, chunk, keep))
                     del chunk
-            for (b, rows), lse in zip(groups, acc, strict=True):
-                nll = lse.nll  # (R, K) float64
-                for j, i in enumerate(range(len(batches[b].n_scored))[rows]):
-                    total += float(nll[j, : batches[b].n_scored[i]].sum())
-        return total
+            for br in states:
+                total = 0.0
+                for (b, rows), lse in zip(groups, acc[br], strict=True):
+                    nll = lse.nll  # (R, K) float64
+                    for j, i in enumerate(range(len(batches[b].n_scored))[rows]):
+                        total += float(nll[j, : batches[b].n_scored[i]].sum())
+                totals[br] = total
+        return totals[branches[0]]
 
-    result = perplexity(streamed.model, tokenizer, source, config, score_batches=score_batches)
-    result["protocol"]["execution"] = "layer-streamed"
-    return result
+    first = perplexity(streamed.model, tokenizer, source, config, score_batches=score_batches)
+    first["protocol"]["execution"] = "layer-streamed"
+    results = []
+    for br in branches:
+        nll = totals[br] / first["n_scored"]
+        results.append({**first, "nll": nll, "perplexity": math.exp(nll), "protocol": dict(first["protocol"])})
+    return results
