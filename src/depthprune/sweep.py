@@ -7,7 +7,9 @@ every task is evaluated after each removal. With one kind this is the main figur
 Siddiqui et al. (arXiv 2407.16286); with several it is their comparison of removing
 attention, feed-forward or whole blocks. The unpruned point is evaluated once and shared
 by every curve. Each point is written to ``sweep.json`` as soon as it is measured, so an
-interrupted sweep resumes where it stopped.
+interrupted sweep resumes where it stopped. Given ``evaluate_points`` instead of an
+evaluator (``depthprune sweep --stream``), every point still to measure is evaluated in one
+call, as branches of a layer-streamed pass, and the points are written when it returns.
 
 ``sweep.json`` format 2::
 
@@ -62,6 +64,8 @@ __all__ = [
 
 # A task evaluator returns {task name: {"score": float, ...protocol and details}}.
 Evaluator = Callable[[nn.Module], dict[str, dict[str, Any]]]
+# Evaluates many points at once: [removed units of each point] -> [its task results].
+PointsEvaluator = Callable[[list[list[str]]], list[dict[str, dict[str, Any]]]]
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = 2
 
@@ -286,26 +290,38 @@ def sweep(
     model: nn.Module,
     scores: dict[str, Any],
     config: SweepConfig,
-    evaluator: Evaluator,
+    evaluator: Evaluator | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     model_name: str = "",
     resume: bool = True,
+    *,
+    evaluate_points: PointsEvaluator | None = None,
 ) -> SweepResult:
     """Evaluate ``model`` with 0..K units of each kind masked in each metric's order.
 
     Args:
-        model: The model, unmodified (units are masked, never removed).
+        model: The model, unmodified (units are masked, never removed). With
+            ``evaluate_points`` only its config is read (a meta-device skeleton will do).
         scores: A ``scores.json`` document.
         config: Metrics, unit kinds, K and task specs.
-        evaluator: Evaluates the (masked) model on every task.
+        evaluator: Evaluates the (masked) model on every task, one point at a time.
         out_dir: Where ``sweep.json`` is written after every point; ``None`` keeps it in memory.
         model_name: Recorded in the result.
         resume: Reuse the points of an existing ``sweep.json`` (format 1 or 2) with the
             same settings; one with other settings is refused.
+        evaluate_points: Instead of ``evaluator``: evaluates every point still to measure
+            at once, given the list of their removed units (each set once), and returns
+            their task results in that order (a layer-streamed pass evaluates them as
+            branches, reading each layer once). Points are then written when all are in.
 
     Returns:
         The :class:`SweepResult`.
+
+    Raises:
+        InputError: bad settings, scores for another model, or a ``sweep.json`` with other settings.
     """
+    if (evaluator is None) == (evaluate_points is None):
+        raise TypeError("sweep() takes exactly one of evaluator and evaluate_points")
     n_layers = int(scores.get("n_layers", 0)) or None
     if n_layers is None:
         raise InputError("scores file has no n_layers; write it with `depthprune score`")
@@ -324,6 +340,10 @@ def sweep(
         path = Path(out_dir) / SWEEP_FILE
     previous = _load_previous(path, settings, model_name) if (path is not None and resume) else {}
     result = SweepResult(model=model_name, settings=settings, orders=orders, n_units={k: n_layers for k in config.units})
+    if evaluate_points is not None:
+        measure = _measure_all(config, counts, orders, previous, evaluate_points)
+    else:
+        measure = _measure_one(model, evaluator)  # type: ignore[arg-type]
     baseline: dict[str, Any] | None = None
     total = sum(len(config.metrics) * (counts[kind] + 1) for kind in config.units)
     with counter(total, desc="sweep", disable=not config.show_progress) as bar:
@@ -339,8 +359,7 @@ def sweep(
                     elif k == 0 and baseline is not None:
                         points.append({**point, "results": baseline["results"]})
                     else:
-                        with mask_units(model, removed):
-                            results = evaluator(model)
+                        results = measure(removed)
                         points.append({**point, "results": results})
                         if path is not None:
                             write_json_atomic(path, result.to_dict())
@@ -350,6 +369,36 @@ def sweep(
     if path is not None:
         write_json_atomic(path, result.to_dict())
     return result
+
+
+def _measure_one(model: nn.Module, evaluator: Evaluator) -> Callable[[list[str]], dict[str, dict[str, Any]]]:
+    def measure(removed: list[str]) -> dict[str, dict[str, Any]]:
+        with mask_units(model, removed):
+            return evaluator(model)
+
+    return measure
+
+
+def _measure_all(
+    config: SweepConfig,
+    counts: dict[str, int],
+    orders: dict[str, dict[str, list[str]]],
+    previous: dict[str, dict[str, list[dict[str, Any]]]],
+    evaluate_points: PointsEvaluator,
+) -> Callable[[list[str]], dict[str, dict[str, Any]]]:
+    """Evaluate every point that is not done yet in one call; look the results up after."""
+    pending: dict[frozenset[str], list[str]] = {}
+    for kind in config.units:
+        for metric in config.metrics:
+            done = previous.get(kind, {}).get(metric, [])
+            for k in range(counts[kind] + 1):
+                removed = orders[kind][metric][:k]
+                if not (k < len(done) and done[k].get("removed") == removed):
+                    pending.setdefault(frozenset(removed), removed)
+    logger.info("evaluating %d sweep points together", len(pending))
+    got = evaluate_points(list(pending.values())) if pending else []
+    table = dict(zip(pending, got, strict=True))
+    return lambda removed: table[frozenset(removed)]
 
 
 def task_label(task: str) -> str:

@@ -89,12 +89,10 @@ def _run_streamed(args: argparse.Namespace, specs: list[Any]) -> None:
     from depthprune._fs import write_json_atomic
     from depthprune.errors import InputError
     from depthprune.loading import load_tokenizer_for
-    from depthprune.streamed import perplexity_streamed
+    from depthprune.streamed import check_stream_tasks, perplexity_streamed
     from depthprune.units import parse_units
 
-    other = [s.text for s in specs if s.kind != "ppl"]
-    if other:
-        raise InputError(f"--stream evaluates perplexity (ppl:) tasks only; run {other[0]!r} without --stream")
+    check_stream_tasks(specs)
     streamed = streamed_from(args)
     tokenizer = load_tokenizer_for(args.model, Path(streamed.ckpt.source), args.trust_remote_code)
     if tokenizer is None:

@@ -19,7 +19,10 @@ from depthprune.streamed.runner import (
 from depthprune.streamed.spill import ActivationStore, SpillSpaceError
 from depthprune.streamed.tasks import (
     check_stream_metrics,
+    check_stream_tasks,
+    evaluate_points_streamed,
     perplexity_streamed,
+    perplexity_streamed_many,
     score_streamed,
 )
 
@@ -31,10 +34,13 @@ __all__ = [
     "StreamedModel",
     "branch_of",
     "check_stream_metrics",
+    "check_stream_tasks",
     "checkpoint_files",
+    "evaluate_points_streamed",
     "open_streamed",
     "parse_bytes",
     "perplexity_streamed",
+    "perplexity_streamed_many",
     "score_streamed",
 ]
 

@@ -21,6 +21,7 @@ import torch
 
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
+from depthprune.evaluate import TaskSpec
 from depthprune.evaluate.perplexity import PerplexityConfig, WindowBatch, perplexity
 from depthprune.progress import counter
 from depthprune.score import ScoreConfig, ScoreResult, _definition
@@ -311,3 +312,46 @@ def perplexity_streamed_many(
         nll = totals[br] / first["n_scored"]
         results.append({**first, "nll": nll, "perplexity": math.exp(nll), "protocol": dict(first["protocol"])})
     return results
+
+
+def evaluate_points_streamed(
+    streamed: StreamedModel,
+    tokenizer: Any,
+    specs: Sequence[TaskSpec],
+    points: Sequence[Sequence[Unit]],
+) -> list[dict[str, dict[str, Any]]]:
+    """Evaluate perplexity tasks with each of ``points`` masked: one streamed pass per task.
+
+    Every point is a branch of the pass (:func:`perplexity_streamed_many`), so each layer
+    is read once per task, whatever the number of points (sweep points).
+
+    Args:
+        streamed: The model.
+        tokenizer: Its tokenizer.
+        specs: ``ppl:`` task specs.
+        points: The units masked at each point.
+
+    Returns:
+        Per point, ``{spec: result}`` as :func:`depthprune.evaluate.evaluate` keys them.
+
+    Raises:
+        InputError: a task other than perplexity.
+    """
+    check_stream_tasks(specs)
+    out: list[dict[str, dict[str, Any]]] = [{} for _ in points]
+    for spec in specs:
+        for point, result in zip(out, perplexity_streamed_many(streamed, tokenizer, spec.target, spec.config, points), strict=True):
+            key = spec.text if spec.text not in point else f"{spec.text}#{len(point)}"
+            point[key] = {**result, "spec": spec.text}
+    return out
+
+
+def check_stream_tasks(specs: Sequence[TaskSpec]) -> None:
+    """Refuse, in one line, the tasks that streamed evaluation does not compute (all but ``ppl``).
+
+    Raises:
+        InputError: a task other than perplexity.
+    """
+    other = [s.text for s in specs if s.kind != "ppl"]
+    if other:
+        raise InputError(f"--stream evaluates perplexity (ppl:) tasks only; run {other[0]!r} without --stream")
