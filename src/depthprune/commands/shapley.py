@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from depthprune.commands import add_model_args, add_output_args
+from depthprune.commands import add_model_args, add_output_args, add_stream_args
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -47,9 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "shapley",
         help="Shapley values of blocks or sublayers (exact, permutation or local sampling) to scores.json",
         description="Higher values mean more important. Blocks play one game, attention and MLP sublayers another. "
-        "Progress is saved after every round; --resume continues an interrupted run with identical results.",
+        "Progress is saved after every round; --resume continues an interrupted run with identical results. "
+        "With --stream (values loss and kl), each round's coalitions are branches of one layer-streamed pass: "
+        "each layer is read once per round; --budget then counts the layer-evaluations that pass runs.",
     )
     _add_common(p)
+    add_stream_args(p)
     p.add_argument("--units", default="block", help="unit kinds: block, attn, mlp or attn,mlp (default: block)")
     add_output_args(p, "scores.json to write")
     p.set_defaults(func=run_shapley)
@@ -72,10 +75,17 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """Load the model and build the value function; return (loaded, value, data or None)."""
+    """Load the model and build the value function; return (loaded, value, data or None).
+
+    With ``args.stream`` (``shapley --stream``), ``loaded`` is a
+    :class:`~depthprune.streamed.StreamedModel` (no weights read yet).
+    """
+    from pathlib import Path
+
+    from depthprune.commands import streamed_from
     from depthprune.data import context_length, load_calibration
     from depthprune.errors import InputError
-    from depthprune.loading import load_model
+    from depthprune.loading import load_model, load_tokenizer_for
     from depthprune.score.values import ValueConfig, make_value
 
     value_config = ValueConfig(
@@ -89,15 +99,20 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     )
     if args.value in ("loss", "kl") and not args.data:
         raise InputError(f"the {args.value} value needs calibration text; pass --data PATH")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if getattr(args, "stream", False):
+        loaded = streamed_from(args)
+        tokenizer = load_tokenizer_for(args.model, Path(loaded.ckpt.source), args.trust_remote_code)
+    else:
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        tokenizer = loaded.tokenizer
     context = context_length(loaded.model)
     data = None
     if args.data:
         data = load_calibration(
-            args.data, loaded.tokenizer, n_sequences=args.samples, seq_len=args.seq_len, seed=args.seed,
+            args.data, tokenizer, n_sequences=args.samples, seq_len=args.seq_len, seed=args.seed,
             max_context=context, text_field=args.text_field,
         )
-    return loaded, make_value(value_config, data, loaded.tokenizer, context), data
+    return loaded, make_value(value_config, data, tokenizer, context), data
 
 
 def _check_outputs(args: argparse.Namespace, checkpoint: str) -> None:
@@ -126,6 +141,7 @@ def _shapley_config(args: argparse.Namespace) -> Any:
 
 
 def run_shapley(args: argparse.Namespace) -> None:
+    from depthprune.errors import InputError
     from depthprune.identity import config_sha256
     from depthprune.score import (
         ScoreResult,
@@ -134,34 +150,46 @@ def run_shapley(args: argparse.Namespace) -> None:
         shapley_tables,
         write_scores,
     )
-    from depthprune.score.shapley import shapley_units, unit_games
+    from depthprune.score.shapley import estimate_shapley, shapley_units, unit_games
+    from depthprune.streamed.games import StreamedGame, check_stream_value
     from depthprune.units import ModelLayout
 
     config = _shapley_config(args)
     kinds = _kinds(args.units)
     unit_games(1, kinds)  # validates the kinds before loading anything
+    if args.stream:
+        check_stream_value(args.value)
+        if args.no_cache:
+            raise InputError("--no-cache has no meaning with --stream (a round is one pass that shares every prefix); drop one")
     checkpoint = args.checkpoint or f"{args.output}.ckpt"
     _check_outputs(args, checkpoint)
     loaded, value, _ = _load(args)
-    layout = ModelLayout(loaded.model, loaded.spec)
+    layout = loaded.layout if args.stream else ModelLayout(loaded.model, loaded.spec)
     games = unit_games(layout.n_layers, kinds)
     results = {}
     for name, players in games.items():
         path = checkpoint if len(games) == 1 else f"{checkpoint}.{name}"
-        results[name] = shapley_units(
-            layout, value, players, config, checkpoint=path, resume=args.resume, show_progress=not args.quiet
-        )
+        if args.stream:
+            game = StreamedGame(loaded, value, players, batch_size=config.batch_size)
+            results[name] = estimate_shapley(game, config, checkpoint=path, resume=args.resume, show_progress=not args.quiet)
+        else:
+            results[name] = shapley_units(
+                layout, value, players, config, checkpoint=path, resume=args.resume, show_progress=not args.quiet
+            )
     scores, stderr = shapley_tables(results.values())
     result = ScoreResult(
         model=args.model,
-        family=loaded.spec.family,
+        family=layout.spec.family,
         n_layers=layout.n_layers,
         calibration=value.calibration,
         scores={"shapley": scores},
         stderr={"shapley": stderr},
         definitions={"shapley": shapley_definition(get_metric("shapley"), results)},
         seed=args.seed,
-        cost={f"shapley_{name}_layer_evals": r.layer_evals for name, r in results.items()},
+        cost={
+            **{f"shapley_{name}_layer_evals": r.layer_evals for name, r in results.items()},
+            **({"stream_layer_reads": loaded.layer_reads} if args.stream else {}),
+        },
         config_sha256=config_sha256(loaded.model.config),
     )
     write_scores(result, args.output, force=args.force)

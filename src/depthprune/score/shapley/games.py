@@ -136,6 +136,28 @@ def require_units(what: str, units: Iterable[Unit]) -> None:
             )
 
 
+def check_players(layout: ModelLayout, players: Iterable[Unit], absent: Iterable[Unit]) -> tuple[tuple[Unit, ...], tuple[Unit, ...]]:
+    """The players and absent units of a model game, checked: units of the model, at
+    least one player, none overlapping (a block and its sublayers).
+
+    Raises:
+        InputError: any of these fails.
+    """
+    units, gone = tuple(players), tuple(absent)
+    require_units("players", units)
+    require_units("absent units", gone)
+    layout.check_units([*units, *gone])
+    if not units:
+        raise InputError("no players given; expected units such as block.0,block.1")
+    seen: dict[Unit, Unit] = {}
+    for u in [*units, *gone]:
+        for s in u.sublayers():
+            if s in seen:
+                raise InputError(f"units {seen[s]} and {u} overlap (both cover {s}); play blocks or sublayers, not both")
+            seen[s] = u
+    return units, gone
+
+
 class ModelGame(Game[Unit]):
     """The game of units of a model: v(coalition) with every other player masked.
 
@@ -162,20 +184,7 @@ class ModelGame(Game[Unit]):
         batch_size: int = 8,
         cache: bool = True,
     ) -> None:
-        units, gone = tuple(players), tuple(absent)
-        require_units("players", units)
-        require_units("absent units", gone)
-        layout.check_units([*units, *gone])
-        if not units:
-            raise InputError("no players given; expected units such as block.0,block.1")
-        seen: dict[Unit, Unit] = {}
-        for u in [*units, *gone]:
-            for s in u.sublayers():
-                if s in seen:
-                    raise InputError(
-                        f"units {seen[s]} and {u} overlap (both cover {s}); play blocks or sublayers, not both"
-                    )
-                seen[s] = u
+        units, gone = check_players(layout, players, absent)
         self.layout = layout
         self.value = value
         self.players = units
@@ -297,4 +306,4 @@ class ModelGame(Game[Unit]):
         }
 
 
-__all__ = ["FunctionGame", "Game", "ModelGame", "require_units"]
+__all__ = ["FunctionGame", "Game", "ModelGame", "check_players", "require_units"]
