@@ -17,6 +17,7 @@ from depthprune.errors import InputError
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
 from depthprune.loading import load_model
 from depthprune.score import ScoreConfig, score
+from depthprune.score.values import ValueConfig
 from depthprune.streamed import (
     LazyCheckpoint,
     StreamConfig,
@@ -298,8 +299,11 @@ def test_budget_below_one_layer_is_refused(sharded_llama: Path) -> None:
 
 def test_unsupported_metrics_and_gguf_are_refused(sharded_llama: Path, tmp_path: Path) -> None:
     streamed = open_streamed(str(sharded_llama))
+    mmlu = ValueConfig("mmlu", mmlu=str(tmp_path))  # shapley streams for the loss and kl values only
     with pytest.raises(InputError, match="not supported with --stream"):
-        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("shapley",), show_progress=False))
+        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("shapley",), value=mmlu, show_progress=False))
+    with pytest.raises(InputError, match="not supported with --stream"):
+        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("angular_span",), span=2, show_progress=False))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(InputError, match="convert-gguf"):

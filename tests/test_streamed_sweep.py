@@ -12,6 +12,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from depthprune.cli import main
 from depthprune.data import load_calibration, pack
+from depthprune.errors import InputError
 from depthprune.evaluate import evaluate, parse_task, task_score
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
 from depthprune.loading import load_model
@@ -243,3 +244,25 @@ def test_perplexity_config_is_shared_by_every_point(sharded_llama: Path, text_fi
     got = evaluate_points_streamed(open_streamed(str(sharded_llama)), lm.tokenizer, [spec], [[], [Unit("block", 1)]])
     assert got[0][spec.text]["n_scored"] == got[1][spec.text]["n_scored"] > 0
     assert got[0][spec.text]["nll"] != got[1][spec.text]["nll"]
+
+
+def test_score_stream_computes_shapley_like_in_memory(sharded_llama: Path) -> None:
+    from depthprune.score import ScoreConfig, score
+    from depthprune.score.values import ValueConfig
+    from depthprune.streamed import score_streamed
+
+    data = _tokens()
+    shap = ShapleyConfig(estimator="permutation", seed=3, batch_size=2, max_samples=4)
+    config = ScoreConfig(metrics=("cosine", "loo_loss", "shapley"), units=("attn", "mlp"), shapley=shap, value=ValueConfig("kl"), batch_size=2, show_progress=False)
+    expected = score(load_model(sharded_llama).model, data, config)
+    streamed = open_streamed(str(sharded_llama), CHUNKED)
+    got = score_streamed(streamed, data, config)
+    for metric, values in expected.scores.items():
+        for unit, v in values.items():
+            assert got.scores[metric][unit] == pytest.approx(v, rel=REL, abs=2 * ABS), (metric, unit)
+    assert got.definitions["shapley"]["execution"] == "layer-streamed"
+    evaluations = got.definitions["shapley"]["games"]["sublayer"]["evaluations"]
+    # One pass for static + leave-one-out, then one per round of coalitions, not one per coalition.
+    assert got.cost["stream_layer_reads"] % 4 == 0 and 4 < got.cost["stream_layer_reads"] < 4 * evaluations
+    with pytest.raises(InputError, match="value 'mmlu' is not supported with --stream"):
+        score_streamed(streamed, data, ScoreConfig(metrics=("shapley",), value=ValueConfig("mmlu", mmlu=str(sharded_llama)), show_progress=False))

@@ -25,7 +25,12 @@ from depthprune.evaluate import TaskSpec
 from depthprune.evaluate.perplexity import PerplexityConfig, WindowBatch, perplexity
 from depthprune.progress import counter
 from depthprune.score import ScoreConfig, ScoreResult, _definition
-from depthprune.score.registry import MetricTables, parse_metrics, stats_table
+from depthprune.score.registry import (
+    AdaptiveRequest,
+    MetricTables,
+    parse_metrics,
+    stats_table,
+)
 from depthprune.score.static import NonFiniteError, RunningStats, StaticCollector
 from depthprune.streamed.head import ChunkedKL, ChunkedLogSumExp
 from depthprune.streamed.runner import Batch, StreamedModel, branch_of
@@ -45,15 +50,20 @@ def check_stream_metrics(config: ScoreConfig) -> None:
     """Refuse, in one line, the metrics that streamed scoring does not compute.
 
     Raises:
-        InputError: an adaptive metric other than leave-one-out, or ``angular_span`` over
-            more than one block.
+        InputError: an adaptive metric other than leave-one-out and ``shapley``,
+            ``shapley`` of a value other than ``loss`` and ``kl``, or ``angular_span``
+            over more than one block.
     """
     for m in parse_metrics(list(config.metrics)):
-        if m.kind == "adaptive" and m.name not in LOO_METRICS:
+        if m.kind == "adaptive" and m.name not in (*LOO_METRICS, "shapley"):
             raise InputError(
-                f"metric {m.name!r} is not supported with --stream; streamed scoring computes the static metrics "
-                f"and {', '.join(LOO_METRICS)} (run {m.name} without --stream)"
+                f"metric {m.name!r} is not supported with --stream; streamed scoring computes the static metrics, "
+                f"{', '.join(LOO_METRICS)} and shapley (run {m.name} without --stream)"
             )
+    if "shapley" in config.metrics:
+        from depthprune.streamed.games import check_stream_value
+
+        check_stream_value(config.value.name)
     if "angular_span" in config.metrics and config.span > 1:
         raise InputError("angular_span with --span > 1 is not supported with --stream; use --span 1 or drop --stream")
 
@@ -76,7 +86,9 @@ def score_streamed(
 
     The full model's run of each layer feeds the static metrics; each leave-one-out
     candidate is a branch that splits off the full model at its unit's layer. The LM head
-    runs at the end, ``head_rows`` sequences at a time.
+    runs at the end, ``head_rows`` sequences at a time. ``shapley`` (values ``loss`` and
+    ``kl``) then takes one more pass per round of coalitions
+    (:class:`~depthprune.streamed.games.StreamedGame`).
 
     Raises:
         InputError: a metric streamed scoring does not compute (see :func:`check_stream_metrics`).
@@ -89,14 +101,17 @@ def score_streamed(
     batches = [(ids, mask) for ids, mask in data.batches(config.batch_size)]
     static = [m for m in metrics if m.kind == "static"]
     loo = [m.name for m in metrics if m.name in LOO_METRICS]
+    shapley = [m for m in metrics if m.name == "shapley"]
     collector = StaticCollector(layout, units, static, config.last_token_only, config.span) if static else None
     on_trunk = (lambda i, b, batch: _hooked(collector, i, batch)) if collector is not None else None
     branches = [frozenset(), *(branch_of([u]) for u in units)] if loo else []
     scores: dict[str, dict[str, float | None]] = {}
     stderr: dict[str, dict[str, float | None]] = {}
     cost: dict[str, int] = {}
+    spilled = 0
     with streamed.store(_batch_bytes(streamed, batches)) as store:
-        states = streamed.run(batches, branches, store, on_trunk, show_progress=config.show_progress)
+        # Shapley alone needs no pass of its own: its rounds are passes (below).
+        states = streamed.run(batches, branches, store, on_trunk, show_progress=config.show_progress) if branches or on_trunk else {}
         if collector is not None:
             for m in static:
                 scores[m.name], stderr[m.name] = stats_table(collector.stats, m.name)
@@ -105,8 +120,23 @@ def score_streamed(
             tables = MetricTables.from_stats(stats, loo, {})
             scores.update(tables.scores)
             stderr.update(tables.stderr)
-        cost["stream_layer_reads"] = streamed.layer_reads
-        cost["stream_spilled_bytes"] = store.spilled_bytes
+        spilled = store.spilled_bytes
+    definitions = {m.name: {**_definition(m, config), "execution": "layer-streamed"} for m in metrics}
+    if shapley:
+        # One streamed pass per round of coalitions (see depthprune.streamed.games).
+        from depthprune.score.shapley.metric import compute_shapley
+        from depthprune.streamed.games import StreamedGame
+
+        def game_of(value: Any, players: list[Unit]) -> StreamedGame:
+            return StreamedGame(streamed, value, players, batch_size=config.shapley.batch_size)
+
+        tables = compute_shapley(AdaptiveRequest(layout, data, units, config), shapley, game_of)
+        scores.update(tables.scores)
+        stderr.update(tables.stderr)
+        cost.update(tables.cost)
+        definitions.update({k: {**v, "execution": "layer-streamed"} for k, v in tables.definitions.items()})
+    cost["stream_layer_reads"] = streamed.layer_reads
+    cost["stream_spilled_bytes"] = spilled
     return ScoreResult(
         model=model_name,
         family=layout.spec.family,
@@ -114,7 +144,7 @@ def score_streamed(
         calibration=data.info,
         scores={m.name: scores[m.name] for m in metrics},
         stderr={m.name: stderr[m.name] for m in metrics},
-        definitions={m.name: {**_definition(m, config), "execution": "layer-streamed"} for m in metrics},
+        definitions=definitions,
         seed=config.seed,
         cost=cost,
     )

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from depthprune.score.registry import AdaptiveRequest, Metric, MetricTables
-from depthprune.score.shapley.driver import ShapleyResult, shapley_units, unit_games
+from depthprune.score.shapley.driver import (
+    ShapleyResult,
+    estimate_shapley,
+    shapley_units,
+    unit_games,
+)
 from depthprune.score.shapley.estimators import get_estimator
-from depthprune.score.values import make_value
+from depthprune.score.shapley.games import Game
+from depthprune.score.values import ValueFunction, make_value
 from depthprune.units import UNIT_KINDS, Unit
 
 
@@ -53,8 +59,19 @@ def shapley_definition(metric: Metric, results: dict[str, ShapleyResult[Unit]]) 
     }
 
 
-def compute_shapley(request: AdaptiveRequest, metrics: Sequence[Metric]) -> MetricTables:
-    """Shapley values of every game the requested unit kinds make (``block``, ``sublayer``)."""
+def compute_shapley(
+    request: AdaptiveRequest,
+    metrics: Sequence[Metric],
+    game_of: Callable[[ValueFunction, list[Unit]], Game[Unit]] | None = None,
+) -> MetricTables:
+    """Shapley values of every game the requested unit kinds make (``block``, ``sublayer``).
+
+    Args:
+        request: The model, data and settings.
+        metrics: The ``shapley`` metric.
+        game_of: Builds the game of a value function and players (a layer-streamed game);
+            default: the in-memory :class:`~depthprune.score.shapley.games.ModelGame`.
+    """
     from depthprune.data import context_length
 
     config, layout = request.config, request.layout
@@ -65,10 +82,11 @@ def compute_shapley(request: AdaptiveRequest, metrics: Sequence[Metric]) -> Metr
         checkpoint = config.checkpoint
         if checkpoint is not None and len(games) > 1:
             checkpoint = f"{checkpoint}.{name}"
-        results[name] = shapley_units(
-            layout, value, players, config.shapley, checkpoint=checkpoint, resume=config.resume,
-            show_progress=config.show_progress,
-        )
+        run = {"checkpoint": checkpoint, "resume": config.resume, "show_progress": config.show_progress}
+        if game_of is None:
+            results[name] = shapley_units(layout, value, players, config.shapley, **run)  # type: ignore[arg-type]
+        else:
+            results[name] = estimate_shapley(game_of(value, players), config.shapley, **run)  # type: ignore[arg-type]
     (metric,) = metrics
     scores, stderr = shapley_tables(results.values())
     return MetricTables(
