@@ -49,10 +49,16 @@ def add_output_args(p: argparse.ArgumentParser, what: str, required: bool = True
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-def add_stream_args(p: argparse.ArgumentParser) -> None:
-    """``--stream``, ``--stream-budget`` and ``--stream-spill-dir``: layer-streamed execution."""
+def add_stream_args(p: argparse.ArgumentParser, covers: str = "") -> None:
+    """``--stream``, ``--stream-budget`` and ``--stream-spill-dir``: layer-streamed execution.
+
+    Args:
+        p: The command's parser.
+        covers: What the command streams (the rest is refused), for ``--stream``'s help.
+    """
     g = p.add_argument_group("streaming", "run layer by layer from the safetensors files, for models larger than memory")
-    g.add_argument("--stream", action="store_true", help="read each decoder layer from disk when it runs, then free it")
+    more = f"; streams {covers}, refuses the rest" if covers else ""
+    g.add_argument("--stream", action="store_true", help=f"read each decoder layer from disk when it runs, then free it{more}")
     g.add_argument(
         "--stream-budget", metavar="SIZE", help="memory for one layer's weights plus activations, e.g. 2GB; activations beyond it spill to disk (default: no limit)"
     )

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--batch-size", type=int, metavar="B", help="batch size of every task whose spec does not set one")
     p.add_argument("--mask", metavar="UNITS", help="evaluate with these units masked, e.g. block.3,attn.5")
-    add_stream_args(p)
+    add_stream_args(p, "ppl: tasks")
     # No --quiet here: a subcommand default would overwrite the global -q/--quiet, which
     # may also be written after the subcommand (see depthprune.cli.GLOBAL_FLAGS).
     p.set_defaults(func=run)

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tol", type=float, help="stop once every standard error is below this")
     g.add_argument("--checkpoint", help="save progress to this file (default: none)")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    add_stream_args(p)
+    add_stream_args(p, "static metrics, loo_loss, loo_kl and shapley with --value loss or kl")
     add_output_args(p, "scores.json to write")
     p.set_defaults(func=run)
 

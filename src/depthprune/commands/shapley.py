@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each layer is read once per round; --budget then counts the layer-evaluations that pass runs.",
     )
     _add_common(p)
-    add_stream_args(p)
+    add_stream_args(p, "--value loss or kl, one pass per round of coalitions")
     p.add_argument("--units", default="block", help="unit kinds: block, attn, mlp or attn,mlp (default: block)")
     add_output_args(p, "scores.json to write")
     p.set_defaults(func=run_shapley)

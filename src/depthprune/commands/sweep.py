@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sweep.json is written when the pass ends.",
     )
     add_model_args(p)
-    add_stream_args(p)
+    add_stream_args(p, "ppl: tasks, every point in one pass per task")
     p.add_argument("--scores", required=True, help="scores.json from `depthprune score` or `depthprune shapley`")
     p.add_argument("--metrics", required=True, help="comma-separated metrics of scores.json, e.g. cosine,rel_l2,loo_loss,shapley")
     p.add_argument(
