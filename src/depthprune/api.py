@@ -86,6 +86,10 @@ class PruneConfig:
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
+        stream: A :class:`~depthprune.streamed.StreamConfig`: fit the emulators and run
+            the held-out check layer-streamed from the safetensors checkpoint
+            (:mod:`depthprune.streamed.recover`); ``linear:R`` is refused. The export
+            still loads the model. ``None``: everything in memory.
     """
 
     out: Path
@@ -106,6 +110,7 @@ class PruneConfig:
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
+    stream: Any = None
 
     def __post_init__(self) -> None:
         # Parse at the boundary: paths become Paths and unit names Units, once.
@@ -207,6 +212,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     emulated = [f"{u} -> {r}" for u, r in entries if r != "none"]
     if emulated and prune.data is None:
         raise InputError(f"{', '.join(emulated)} must be fitted on calibration data; pass --data (or --recover none)")
+    if prune.stream is not None:
+        from depthprune.streamed.recover import check_stream_recover
+
+        check_stream_recover(table)
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)
@@ -217,6 +226,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         check_gguf_family(spec, config)
         never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
         check_gguf_plan(removed_paths(table), never_fold)
+    streamed_fit = _fit_streamed(load, table, prune) if prune.stream is not None and emulated else None
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
@@ -225,7 +235,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         result = prune_(loaded.model, [u for u, _ in entries], loaded.spec)
     else:
         replacements: dict[Unit, Any] = dict.fromkeys(table)
-        if emulated:
+        if streamed_fit is not None:
+            calibration = streamed_fit[0]
+            replacements, recovery = _recover(loaded, calibration, table, prune, streamed_fit[1:])
+        elif emulated:
             calibration = load_calibration(
                 prune.data,  # type: ignore[arg-type]
                 loaded.tokenizer,
@@ -278,10 +291,52 @@ def _check_ranks(entries: list[tuple[Unit, str]], config: Any) -> None:
             )
 
 
+def _fit_streamed(load: LoadConfig, table: dict[Unit, str], prune: PruneConfig) -> tuple[TokenBatches, dict[Unit, Any], dict[Unit, Any]]:
+    """Fit the emulators of ``table`` and check them on held-out sequences, layer-streamed.
+
+    Returns:
+        The calibration data, the replacements kept, and the held-out decisions.
+    """
+    from depthprune.loading import load_tokenizer_for
+    from depthprune.streamed import open_streamed
+    from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
+
+    streamed = open_streamed(
+        load.model, prune.stream, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
+    )
+    tokenizer = load_tokenizer_for(load.model, Path(streamed.ckpt.source), load.trust_remote_code)
+    calibration = load_calibration(
+        prune.data,  # type: ignore[arg-type]
+        tokenizer,
+        n_sequences=prune.n_samples,
+        seq_len=prune.seq_len,
+        seed=prune.seed,
+        max_context=context_length(streamed.model),
+        text_field=prune.text_field,
+    )
+    fit, heldout = split_tail(calibration, prune.heldout)
+    replacements = fit_emulators_streamed(streamed, fit, table, prune.emulation())
+    decisions: dict[Unit, Any] = {}
+    if heldout is not None:
+        replacements, decisions = select_emulators_streamed(streamed, replacements, heldout, prune.batch_size, prune.show_progress)
+    elif prune.heldout > 0:
+        logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
+    logger.info("streamed fit and check read %d decoder layers", streamed.layer_reads)
+    return calibration, replacements, decisions
+
+
 def _recover(
-    loaded: Any, calibration: TokenBatches, table: dict[Unit, str], prune: PruneConfig
+    loaded: Any,
+    calibration: TokenBatches,
+    table: dict[Unit, str],
+    prune: PruneConfig,
+    fitted: tuple[dict[Unit, Any], dict[Unit, Any]] | None = None,
 ) -> tuple[dict[Unit, Any], dict[str, Any]]:
     """Fit, check on held-out sequences, and fold the stand-ins of ``table``.
+
+    Args:
+        fitted: Replacements and decisions already made (by the streamed fit); then only
+            the fold is left.
 
     Returns:
         The replacements to install (``None`` where removal is plain, dropped or folded),
@@ -289,12 +344,15 @@ def _recover(
     """
     model, spec = loaded.model, loaded.spec
     fit, heldout = split_tail(calibration, prune.heldout)
-    replacements = fit_emulators(model, fit, table, prune.emulation(), spec)
-    decisions = {}
-    if heldout is not None:
-        replacements, decisions = select_emulators(model, replacements, heldout, spec, prune.batch_size, prune.show_progress)
-    elif prune.heldout > 0:
-        logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
+    decisions: dict[Unit, Any] = {}
+    if fitted is not None:
+        replacements, decisions = dict(fitted[0]), dict(fitted[1])
+    else:
+        replacements = fit_emulators(model, fit, table, prune.emulation(), spec)
+        if heldout is not None:
+            replacements, decisions = select_emulators(model, replacements, heldout, spec, prune.batch_size, prune.show_progress)
+        elif prune.heldout > 0:
+            logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
     folding = FoldResult()
     if prune.fold:
         replacements, folding = fold_(model, replacements, spec)
@@ -312,6 +370,7 @@ def _recover(
         "fit": fit.info.to_dict(),
         "heldout": None if heldout is None else heldout.info.to_dict(),
         "fold": prune.fold,
+        "execution": "layer-streamed" if fitted is not None else "in-memory",
         "bias_flags": list(folding.flags),
         "units": units,
     }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from depthprune.loading import LoadConfig
-    from depthprune.streamed import StreamedModel
+    from depthprune.streamed import StreamConfig, StreamedModel
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,8 +61,15 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
 
 def streamed_from(args: argparse.Namespace) -> StreamedModel:
     """The :class:`~depthprune.streamed.StreamedModel` of the model and stream flags."""
-    from depthprune.streamed import StreamConfig, open_streamed, parse_bytes
+    from depthprune.streamed import open_streamed
+
+    config = stream_config_from(args)
+    return open_streamed(args.model, config, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def stream_config_from(args: argparse.Namespace) -> StreamConfig:
+    """The :class:`~depthprune.streamed.StreamConfig` of the stream flags."""
+    from depthprune.streamed import StreamConfig, parse_bytes
 
     budget = parse_bytes(args.stream_budget) if args.stream_budget else None
-    config = StreamConfig(budget=budget, spill_dir=args.stream_spill_dir)
-    return open_streamed(args.model, config, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return StreamConfig(budget=budget, spill_dir=args.stream_spill_dir)
