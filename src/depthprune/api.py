@@ -58,6 +58,10 @@ class PruneConfig:
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
+        rewrite_shards: When nothing is emulated and the format is ``hf``, prune a local
+            safetensors checkpoint by rewriting its shards tensor by tensor, without
+            loading the model (see :mod:`depthprune.shard_prune`); ``False`` always
+            loads it. Both write the same tensors.
     """
 
     out: Path
@@ -75,6 +79,7 @@ class PruneConfig:
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
+    rewrite_shards: bool = True
 
     def __post_init__(self) -> None:
         # Parse at the boundary: paths become Paths and unit names Units, once.
@@ -97,7 +102,7 @@ class PruneConfig:
                 raise InputError(f"{name} {value!r} is invalid; expected a whole number >= {least}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise InputError(f"text_field {self.text_field!r} is invalid; expected a field name such as text")
-        for name in ("force", "dry_run", "show_progress"):
+        for name in ("force", "dry_run", "show_progress", "rewrite_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
         self.emulation()  # checks ridge and batch_size
@@ -166,6 +171,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         raise InputError(
             f"refusing to write {str(prune.out)!r}: it is or holds the source model {str(load.model)!r}; choose another -o"
         )
+    if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries)
+        if rewritten is not None:
+            return rewritten
     loaded = load_model(load)
     calibration = None
     if all(u.kind == "block" and r == "none" for u, r in entries):
@@ -186,17 +195,9 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         result = to_depthpruned_(loaded.model, replacements, loaded.spec)
     if prune.dry_run:
         return result
-    manifest = {
-        "source": {"model": load.model, "family": loaded.spec.family, "n_layers": result.n_layers_before},
-        "removed": [str(u) for u in result.removed],
-        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
-        "emulated": {str(u): r for u, r in entries if r != "none"},
-        "recover": None
-        if calibration is None
-        else {"method": "closed_form", "ridge": prune.ridge, "calibration": calibration.info.to_dict()},
-        "plan": plan_doc,
-        "scores": None,
-    }
+    manifest = _manifest(load, loaded.spec.family, result, entries, plan_doc)
+    if calibration is not None:
+        manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, "calibration": calibration.info.to_dict()}
     export(
         loaded.model,
         prune.out,
@@ -207,6 +208,71 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         export_format=prune.export_format,
     )
     return result
+
+
+def _manifest(
+    load: LoadConfig, family: str, result: PruneResult, entries: list[tuple[Unit, str]], plan_doc: Any
+) -> dict[str, Any]:
+    return {
+        "source": {"model": load.model, "family": family, "n_layers": result.n_layers_before},
+        "removed": [str(u) for u in result.removed],
+        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
+        "emulated": {str(u): r for u, r in entries if r != "none"},
+        "recover": None,
+        "plan": plan_doc,
+        "scores": None,
+    }
+
+
+def _prune_on_disk(
+    load: LoadConfig,
+    prune: PruneConfig,
+    config: Any,
+    local: Path | None,
+    spec: Any,
+    table: dict[Unit, str],
+    plan_doc: Any,
+    entries: list[tuple[Unit, str]],
+) -> PruneResult | None:
+    """Prune by rewriting the safetensors shards (see :mod:`depthprune.shard_prune`), or ``None``.
+
+    ``None`` means the source is not a local safetensors checkpoint that maps one-to-one
+    onto the model, and the caller loads the model instead.
+    """
+    from depthprune.export import export_rewritten
+    from depthprune.gguf_import import is_gguf_path
+    from depthprune.loading import DTYPES, load_tokenizer_for
+    from depthprune.shard_prune import plan_rewrite
+
+    if local is None or is_gguf_path(load.model):
+        return None
+    plan = plan_rewrite(local, config, spec, dict.fromkeys(table), load.trust_remote_code)
+    if plan is None:
+        return None
+    result: PruneResult = plan.result
+    if prune.dry_run:
+        return result
+    dtype = None if load.dtype == "auto" else DTYPES[load.dtype]
+    tokenizer = load_tokenizer_for(load.model, local, load.trust_remote_code) if load.load_tokenizer else None
+    export_rewritten(
+        plan,
+        prune.out,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        generation_config=_generation_config(local, plan.skeleton),
+        manifest=_manifest(load, spec.family, result, entries, plan_doc),
+        force=prune.force,
+    )
+    return result
+
+
+def _generation_config(local: Path, skeleton: Any) -> Any | None:
+    """The generation config ``from_pretrained`` would give the model, as ``save_pretrained`` writes it."""
+    from transformers import GenerationConfig
+
+    if (local / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(local))
+    return skeleton.generation_config if skeleton.can_generate() else None
 
 
 __all__ = ["PruneConfig", "prune_model"]

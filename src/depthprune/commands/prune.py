@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when fitting (default: 8)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"relative ridge of low-rank fits (default: {DEFAULT_RIDGE})")
     p.add_argument("--format", default="hf", choices=["hf", "nemotron-nas"], help="export format (default: hf)")
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the model to prune it even when its safetensors shards could be rewritten on disk "
+        "(the default when nothing is emulated; both write the same tensors)",
+    )
     add_output_args(p, "output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
     p.set_defaults(func=_run_prune)
@@ -57,6 +63,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         export_format=args.format,
         force=args.force,
         dry_run=args.dry_run,
+        rewrite_shards=not args.in_memory,
         show_progress=not args.quiet,
     )
     result = prune_model(load_config_from(args), prune)
