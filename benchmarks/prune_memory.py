@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2, _status, load_average  # noqa: E402
+from _common import SMOLLM2, _status, load_average
 
 REMOVE = "block.3,block.17,attn.20"
 MODES = ("on_disk", "in_memory")

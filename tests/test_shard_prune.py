@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 from safetensors import safe_open
 
-from conftest import tiny_model, tiny_tokenizer
 from depthprune.api import PruneConfig, prune_model
 from depthprune.loading import LoadConfig
-from depthprune.shard_prune import checkpoint_files, read_header
+from depthprune.shard_prune import checkpoint_files
 
 
 def _tensors(folder: Path) -> dict[str, tuple[torch.dtype, bytes]]:
