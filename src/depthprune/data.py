@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from depthprune.architectures import match_spec
+from depthprune.devices import HOST
 from depthprune.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
@@ -215,11 +216,11 @@ def pack(
         chosen = list(range(available))
     else:
         g = torch.Generator().manual_seed(seed)
-        chosen = sorted(torch.randperm(available, generator=g)[:n_sequences].tolist())
-    flat = torch.tensor(stream[: available * body], dtype=torch.long).view(available, body)
+        chosen = sorted(torch.randperm(available, generator=g, device=HOST)[:n_sequences].tolist())
+    flat = torch.tensor(stream[: available * body], dtype=torch.long, device=HOST).view(available, body)
     ids = flat[chosen]
     if bos_id is not None:
-        ids = torch.cat([torch.full((len(chosen), 1), bos_id, dtype=torch.long), ids], dim=1)
+        ids = torch.cat([torch.full((len(chosen), 1), bos_id, dtype=torch.long, device=HOST), ids], dim=1)
     ids = ids.contiguous()
     info = CalibrationInfo(
         source=source,

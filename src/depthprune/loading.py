@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
+from depthprune.devices import check_device, check_device_map
 from depthprune.errors import (
     DepthPruneError,
     InputError,
@@ -58,6 +59,11 @@ class LoadConfig:
         attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``); ``None``
             lets transformers choose.
         load_tokenizer: Also load the tokenizer; a model without one gets ``None``.
+        device_map: Let accelerate place the model instead of ``device``: ``auto``,
+            ``balanced``, ``balanced_low_0`` or ``sequential`` (across every GPU, then CPU
+            and disk), or a dict from module name to ``"cpu"``, ``"disk"``, a GPU index or
+            a device name, as ``from_pretrained(device_map=...)`` takes it.
+        offload_folder: Where accelerate keeps weights placed on ``"disk"``.
     """
 
     model: str
@@ -66,6 +72,8 @@ class LoadConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     load_tokenizer: bool = True
+    device_map: str | dict[str, str | int] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -75,10 +83,10 @@ class LoadConfig:
                 f"model {self.model!r} is not a model reference; give a local model folder or a Hub id such as org/name"
             )
         check_choice(self.dtype, DTYPES, "dtype")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"device {self.device!r} is not a torch device; expected e.g. cpu, cuda or cuda:0") from None
+        check_device(self.device)
+        check_device_map(self.device_map)
+        if self.offload_folder is not None:
+            object.__setattr__(self, "offload_folder", os.fspath(self.offload_folder))
         for name in ("trust_remote_code", "load_tokenizer"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
@@ -226,6 +234,10 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
     kwargs: dict[str, Any] = {"dtype": DTYPES[load.dtype], "trust_remote_code": load.trust_remote_code}
     if load.attn_implementation:
         kwargs["attn_implementation"] = load.attn_implementation
+    if load.device_map is not None:
+        kwargs["device_map"] = load.device_map
+        if load.offload_folder is not None:
+            kwargs["offload_folder"] = load.offload_folder
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(local or name), config=config, **kwargs)
     except DepthPruneError:
@@ -233,7 +245,9 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         first = first_line(exc)
         raise ModelLoadError(f"cannot load the weights of {name!r}: {first}") from exc
-    hf_model.to(load.device).eval()
+    if load.device_map is None:
+        hf_model.to(load.device)
+    hf_model.eval()
     check_model(hf_model, spec)
     tokenizer = load_tokenizer_for(name, local, load.trust_remote_code) if load.load_tokenizer else None
     return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)

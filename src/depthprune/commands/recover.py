@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthprune.commands import add_model_args, add_output_args
+from depthprune.commands import add_model_args, add_output_args, load_config_from
 
 
 def _csv(text: str | None) -> tuple[str, ...]:
@@ -51,7 +51,13 @@ def _run(args: argparse.Namespace) -> None:
     from depthprune.errors import InputError
     from depthprune.loading import load_config, load_model
     from depthprune.plan import plan_units, read_plan
-    from depthprune.recover.compare import CompareConfig, compare_recovery, comparison_table, split_heldout, write_comparison
+    from depthprune.recover.compare import (
+        CompareConfig,
+        compare_recovery,
+        comparison_table,
+        split_heldout,
+        write_comparison,
+    )
     from depthprune.recover.emulate import DEFAULT_RIDGE
     from depthprune.units import parse_units
 
@@ -80,7 +86,7 @@ def _run(args: argparse.Namespace) -> None:
     else:
         # parse_units sorts; the ranking keeps the order given.
         units = [parse_units([name], n_layers)[0] for name in _csv(args.remove)]
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
     data = load_calibration(
         args.data,
         loaded.tokenizer,

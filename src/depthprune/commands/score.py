@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.commands import add_model_args, add_output_args
+from depthprune.commands import add_model_args, add_output_args, load_config_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     check_output(args.output, args.force)
     if args.plot:
         check_output(args.plot, args.force)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
     data = load_calibration(
         args.data,
         loaded.tokenizer,

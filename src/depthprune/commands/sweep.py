@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
 
     from torch import nn
 
+    from depthprune.commands import load_config_from
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
     from depthprune.loading import load_model
     from depthprune.scores_file import load_scores
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
         show_progress=not args.quiet,
     )
     scores = load_scores(args.scores)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
 
     def evaluator(model: nn.Module) -> dict[str, dict[str, Any]]:
         res = evaluate(model, loaded.tokenizer, tasks, batch_size=args.batch_size, show_progress=False)["tasks"]

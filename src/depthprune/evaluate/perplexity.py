@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthprune.data import DEFAULT_SEQ_LEN, context_length, read_texts, tokenizer_adds_bos
+from depthprune.data import (
+    DEFAULT_SEQ_LEN,
+    context_length,
+    read_texts,
+    tokenizer_adds_bos,
+)
+from depthprune.devices import HOST
 from depthprune.errors import InputError, check_choice
 from depthprune.evaluate._model import logits_at, model_device, pad_id_of, right_pad
 from depthprune.progress import counter
@@ -225,9 +231,10 @@ def _window_nll(
     ids, mask = right_pad(rows, pad_id)  # (B, T)
     k = max(w.n_scored for w in windows)
     # Row index of the logit that predicts the token at stream position p is p - start + offset - 1.
-    first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows])  # (B,)
-    positions = first[:, None] + torch.arange(k)[None, :]  # (B, K)
-    valid = torch.arange(k)[None, :] < torch.tensor([w.n_scored for w in windows])[:, None]  # (B, K)
+    first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows], device=HOST)  # (B,)
+    steps = torch.arange(k, device=HOST)[None, :]  # (1, K)
+    positions = first[:, None] + steps  # (B, K)
+    valid = steps < torch.tensor([w.n_scored for w in windows], device=HOST)[:, None]  # (B, K)
     positions = torch.where(valid, positions, first[:, None])
     device = model_device(model)
     logits = logits_at(model, ids.to(device), mask.to(device), positions.to(device))  # (B, K, V)

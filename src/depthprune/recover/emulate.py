@@ -40,6 +40,7 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.recover.install import Installed, install_
@@ -385,7 +386,7 @@ def collect_updates(
     wanted = dict(units) if isinstance(units, Mapping) else {u: True for u in units}
     layout.check_units(wanted)
     collector = UpdateCollector(layout, wanted)
-    device = next(model.parameters()).device
+    device = input_device(model)
     collector.attach()
     try:
         for ids, mask in progress(list(data.batches(batch_size)), desc="fit emulators", disable=not show_progress):
@@ -441,7 +442,8 @@ def fit_emulators(
     out: dict[Unit, nn.Module | None] = {}
     for unit, replace in entries.items():
         emulator = emulator_from_stats(stats[unit], replace, config.ridge, param.dtype) if unit in stats else None
-        out[unit] = emulator.to(param.device) if emulator is not None else None
+        # Built from statistics on the device its layer runs on (one of several under a device map).
+        out[unit] = emulator
     logger.info("fitted %d emulators on %d tokens", sum(e is not None for e in out.values()), data.info.n_tokens)
     return out
 

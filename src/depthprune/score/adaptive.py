@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
 from depthprune.progress import counter
 from depthprune.score.static import NonFiniteError, RunningStats
 from depthprune.stream import hidden_arg, on_layer_input, with_hidden_arg
@@ -218,7 +219,7 @@ def leave_one_out(
     units = list(units)
     metrics = list(metrics)
     runner = PrefixRunner(layout)
-    device = next(layout.model.parameters()).device
+    device = input_device(layout.model)
     stats: dict[tuple[str, Unit], RunningStats] = {}
     batches = list(data.batches(batch_size))
     with counter(len(batches) * len(units), desc="leave-one-out", disable=not show_progress) as bar:

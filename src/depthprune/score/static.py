@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.score.registry import Metric, TokenPieces
@@ -194,7 +195,7 @@ def collect_static(
     """
     collector = StaticCollector(layout, list(units), metrics, last_token_only, span)
     model = layout.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     collector.attach()
     try:
         for ids, mask in progress(list(data.batches(batch_size)), desc="static metrics", disable=not show_progress):

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from depthprune.devices import input_device
 from depthprune.errors import InputError
 from depthprune.score.adaptive import PrefixRunner
 from depthprune.score.static import NonFiniteError
@@ -190,7 +191,7 @@ class ModelGame(Game[Unit]):
             layer, bits = _pattern_bits(u)
             base[layer] |= bits
         self._base = tuple(base)
-        device = next(layout.model.parameters()).device
+        device = input_device(layout.model)
         self._batches = [(ids.to(device), mask.to(device)) for ids, mask in value.batches(batch_size)]
         self._n_sequences = sum(int(ids.shape[0]) for ids, _ in self._batches)
         self._prepared = not value.needs_reference
