@@ -27,7 +27,8 @@ def stage_argvs(model: Path, text: Path, out: Path, extra: Sequence[str] = ()) -
     return {
         "score": ["score", m, *d, *x, "--metrics", "cosine,angular,rel_l2,loo_loss,loo_kl", "-o", str(out / "score.json"), "-q"],
         "shapley": [
-            "shapley", m, *d, *x, "--units", "block", "--estimator", "exact", "-o", str(out / "shapley.json"), "-q",
+            "shapley", m, *d, *x, "--units", "block", "--estimator", "exact", "--batch-size", "3",
+            "-o", str(out / "shapley.json"), "-q",
         ],
         "plan": ["plan", str(out / "score.json"), "--metric", "cosine", "--remove", "1", "-o", str(out / "plan.json")],
         "prune": ["prune", m, *x, "--plan", str(out / "plan.json"), "-o", str(out / "pruned"), "-q"],
@@ -95,3 +96,21 @@ def compare(got: dict[str, float], want: dict[str, float], rel: float) -> list[s
 def all_on(model: torch.nn.Module, device_type: str) -> list[str]:
     """Names of parameters and buffers not on ``device_type``."""
     return [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type != device_type]
+
+
+def main() -> int:
+    """``python -m torch.distributed.run ... tests/stages.py MODEL TEXT OUT [EXTRA...]``: every
+    stage in one process per rank, so the process group and imports are set up once."""
+    import sys
+
+    from depthprune.cli import main as cli
+    from depthprune.distributed import init_from_env
+
+    model, text, out, *extra = sys.argv[1:]
+    with init_from_env("cuda" if "cuda" in extra else "cpu"):
+        run_stages(cli, Path(model), Path(text), Path(out), extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from depthprune.distributed import is_writer
 from depthprune.errors import CheckpointError, InputError, OutputExistsError
 
 
@@ -29,7 +30,9 @@ def check_output(out: str | os.PathLike[str], force: bool) -> Path:
         InputError: the parent folder of ``out`` does not exist.
     """
     path = Path(out)
-    if path.exists() and not force:
+    # Under torchrun rank 0 alone checks: it may already have written ``out`` when a rank
+    # that runs no collective before writing (plan, prune) gets here.
+    if path.exists() and not force and is_writer():
         raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
     parent = path.absolute().parent
     if not parent.is_dir():
@@ -42,9 +45,14 @@ def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Pat
     """Yield a temporary folder that replaces ``out`` only if the block succeeds.
 
     The temporary folder is a sibling of ``out`` so the final rename stays on one file
-    system. On any error it is removed and ``out`` is left untouched.
+    system. On any error it is removed and ``out`` is left untouched. Under torchrun only
+    rank 0 replaces ``out``: other ranks get a scratch folder that is deleted afterwards.
     """
     path = check_output(out, force)
+    if not is_writer():
+        with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
+            yield Path(scratch)
+        return
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
     try:
         yield tmp
@@ -75,8 +83,13 @@ def _apply_umask(root: Path) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = True) -> Path:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename.
+
+    Under torchrun only rank 0 writes; other ranks return ``path`` untouched.
+    """
     target = check_output(path, force)
+    if not is_writer():
+        return target
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.absolute().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

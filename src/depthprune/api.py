@@ -17,6 +17,7 @@ from depthprune.data import (
     context_length,
     load_calibration,
 )
+from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
 from depthprune.loading import LoadConfig, load_config, load_model
@@ -195,6 +196,8 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         result = to_depthpruned_(loaded.model, replacements, loaded.spec)
     if prune.dry_run:
         return result
+    if not is_writer():  # under torchrun every rank fits; rank 0 alone writes
+        return result
     manifest = _manifest(load, loaded.spec.family, result, entries, plan_doc)
     if calibration is not None:
         manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, "calibration": calibration.info.to_dict()}
@@ -250,7 +253,7 @@ def _prune_on_disk(
     if plan is None:
         return None
     result: PruneResult = plan.result
-    if prune.dry_run:
+    if prune.dry_run or not is_writer():  # under torchrun, rank 0 alone rewrites the shards
         return result
     dtype = None if load.dtype == "auto" else DTYPES[load.dtype]
     tokenizer = load_tokenizer_for(load.model, local, load.trust_remote_code) if load.load_tokenizer else None

@@ -6,13 +6,14 @@ Each subcommand lives in its own module of :mod:`depthprune.commands`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from depthprune import __version__, commands
 from depthprune.errors import DepthPruneError
@@ -81,12 +82,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+@contextlib.contextmanager
+def _rank_stdout(rank: int) -> Iterator[None]:
+    """Under torchrun only rank 0 prints results; other ranks' stdout is discarded."""
+    if rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input, with one line on stderr)."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from depthprune.distributed import env_world_size, init_from_env
+
+    if env_world_size() > 1:
+        args.quiet = True  # torchrun: ranks run in step; progress bars and logs would repeat
     _setup_logging(args)
     try:
-        args.func(args)
+        with init_from_env(getattr(args, "device", None) or "cpu") as world, _rank_stdout(world.rank):
+            args.func(args)
     except DepthPruneError as exc:
         message = " ".join(str(exc).split())
         print(f"depthprune: error: {message}", file=sys.stderr)

@@ -70,6 +70,22 @@ class TokenBatches:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def rank_share(self) -> TokenBatches:
+        """This torchrun rank's sequences (a contiguous block; all of them without torchrun).
+
+        Raises:
+            InputError: fewer sequences than ranks.
+        """
+        from depthprune.distributed import share, world
+
+        size = world().size
+        if size == 1:
+            return self
+        if len(self) < size:
+            raise InputError(f"{len(self)} calibration sequences cannot be split across {size} ranks; give --samples >= {size}")
+        rows = share(len(self))
+        return TokenBatches(self.input_ids[rows.start : rows.stop], self.attention_mask[rows.start : rows.stop], self.info)
+
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
@@ -231,6 +247,9 @@ def pack(
         seed=seed,
         bos=bos_id is not None,
     )
+    from depthprune.distributed import check_same
+
+    check_same("calibration data", info.sha256)
     return TokenBatches(input_ids=ids, attention_mask=torch.ones_like(ids), info=info)
 
 

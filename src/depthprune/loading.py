@@ -249,6 +249,9 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
         hf_model.to(load.device)
     hf_model.eval()
     check_model(hf_model, spec)
+    from depthprune.distributed import check_same
+
+    check_same("model", f"{name}|{sum(p.numel() for p in hf_model.parameters())}|{hf_model.config.to_json_string()}")
     tokenizer = load_tokenizer_for(name, local, load.trust_remote_code) if load.load_tokenizer else None
     return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)
 

@@ -45,12 +45,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_config_from(args: argparse.Namespace) -> LoadConfig:
     """The :class:`~depthprune.loading.LoadConfig` of the flags added by :func:`add_model_args`."""
     from depthprune.devices import parse_device_map
+    from depthprune.distributed import rank_device
     from depthprune.loading import LoadConfig
 
     return LoadConfig(
         args.model,
         dtype=args.dtype,
-        device=args.device,
+        device=rank_device(args.device),
         trust_remote_code=args.trust_remote_code,
         device_map=parse_device_map(getattr(args, "device_map", None)),
         offload_folder=getattr(args, "offload_folder", None),

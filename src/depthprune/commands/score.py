@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
 
     from depthprune._fs import check_output
     from depthprune.data import context_length, load_calibration
+    from depthprune.distributed import is_writer
     from depthprune.loading import load_model
     from depthprune.report import plot_heatmap, scores_table
     from depthprune.score import ScoreConfig, score, write_scores
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model, tokenizer=loaded.tokenizer)
     write_scores(result, args.output, force=args.force)
     doc = result.to_dict()
-    if args.plot:
+    if args.plot and is_writer():
         plot_heatmap(doc, args.plot)
     if not args.quiet:
         Console(stderr=False).print(scores_table(doc))

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
     from torch import nn
 
     from depthprune.commands import load_config_from
+    from depthprune.distributed import is_writer
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
     from depthprune.loading import load_model
     from depthprune.scores_file import load_scores
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     if args.force and (Path(args.output) / "sweep.json").exists():
         (Path(args.output) / "sweep.json").unlink()
     result = sweep(loaded.model, scores, config, evaluator, out_dir=args.output, model_name=args.model)
-    pngs = plot_sweep(result, args.output, tasks)
+    pngs = plot_sweep(result, args.output, tasks) if is_writer() else []
     for kind, metric in result.lines():
         for task in tasks:
             curve = ", ".join(f"{v:.4g}" for v in result.curve(kind, metric, task))

@@ -42,6 +42,7 @@ from depthprune.data import (
     tokenizer_adds_bos,
 )
 from depthprune.devices import HOST
+from depthprune.distributed import all_reduce_sum, strided
 from depthprune.errors import InputError, check_choice
 from depthprune.evaluate._model import logits_at, model_device, pad_id_of, right_pad
 from depthprune.progress import counter
@@ -289,12 +290,16 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str],
     # Longest windows first: batches pad less, and memory errors show up at once.
     order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].start, reverse=True)
     total, n = 0.0, 0
-    with counter(len(windows), "perplexity", disable=not config.show_progress) as bar:
-        for b in range(0, len(order), config.batch_size):
+    starts = range(0, len(order), config.batch_size)
+    mine = [starts[k] for k in strided(len(starts))]  # under torchrun, every size-th batch
+    with counter(sum(min(config.batch_size, len(order) - b) for b in mine), "perplexity", disable=not config.show_progress) as bar:
+        for b in mine:
             batch = [windows[i] for i in order[b : b + config.batch_size]]
             s, c = _window_nll(model, streams, batch, bos_id, pad_id)
             total, n = total + s, n + c
             bar.update(len(batch))
+    total_all, n_all = all_reduce_sum([total, n])  # NLL sums and token counts, never means
+    total, n = float(total_all), round(float(n_all))
     nll = total / n
     protocol = {
         "mode": "windows" if stride == (seq_len - 1 if window_bos else seq_len) else "sliding",

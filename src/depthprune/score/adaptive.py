@@ -21,8 +21,9 @@ from torch import nn
 
 from depthprune.data import TokenBatches
 from depthprune.devices import input_device
+from depthprune.distributed import all_reduce_sum
 from depthprune.progress import counter
-from depthprune.score.static import NonFiniteError, RunningStats
+from depthprune.score.static import NonFiniteError, RunningStats, all_reduce_stats
 from depthprune.stream import hidden_arg, on_layer_input, with_hidden_arg
 from depthprune.units import ModelLayout, Unit, mask_units
 
@@ -221,11 +222,12 @@ def leave_one_out(
     runner = PrefixRunner(layout)
     device = input_device(layout.model)
     stats: dict[tuple[str, Unit], RunningStats] = {}
-    batches = list(data.batches(batch_size))
+    batches = list(data.rank_share().batches(batch_size))
     with counter(len(batches) * len(units), desc="leave-one-out", disable=not show_progress) as bar:
         for ids, mask in batches:
             _loo_batch(runner, ids.to(device), mask.to(device), units, metrics, stats, bar)
-    return stats, runner.layer_evals
+    (evals,) = all_reduce_sum([runner.layer_evals])
+    return all_reduce_stats(stats), round(float(evals))
 
 
 def _loo_batch(

@@ -25,6 +25,7 @@ import torch
 
 from depthprune.data import TokenBatches
 from depthprune.devices import input_device
+from depthprune.distributed import all_reduce_sum, check_same, world
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.score.registry import Metric, TokenPieces
@@ -63,6 +64,19 @@ class RunningStats:
             return float("nan")
         var = max(self.total_sq - self.count * self.mean**2, 0.0) / (self.count - 1)
         return (var / self.count) ** 0.5
+
+
+def all_reduce_stats(stats: dict[Any, RunningStats]) -> dict[Any, RunningStats]:
+    """``stats`` summed over torchrun ranks (itself without torchrun); every rank gets the totals."""
+    if world().size == 1:
+        return stats
+    keys = sorted(stats, key=repr)
+    check_same("statistics collected", "|".join(map(repr, keys)))
+    sums = all_reduce_sum([x for k in keys for x in (stats[k].total, stats[k].total_sq, stats[k].count)])
+    return {
+        k: RunningStats(float(sums[3 * i]), float(sums[3 * i + 1]), round(float(sums[3 * i + 2])))
+        for i, k in enumerate(keys)
+    }
 
 
 def _sum64(x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +212,9 @@ def collect_static(
     device = input_device(model)
     collector.attach()
     try:
-        for ids, mask in progress(list(data.batches(batch_size)), desc="static metrics", disable=not show_progress):
+        for ids, mask in progress(list(data.rank_share().batches(batch_size)), desc="static metrics", disable=not show_progress):
             collector.set_tokens(mask.to(device))
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
     finally:
         collector.detach()
-    return collector.stats
+    return all_reduce_stats(collector.stats)
