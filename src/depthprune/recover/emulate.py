@@ -94,7 +94,7 @@ class LowRankEmulator(nn.Module):
         b: ``(D,)`` bias.
     """
 
-    def __init__(self, mu: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, mu: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> None:  # noqa: N803
         super().__init__()
         d, r = A.shape
         if mu.shape != (d,) or B.shape != (r, d) or b.shape != (d,):
@@ -311,13 +311,13 @@ def solve_lowrank(
         rank = d
     lam = ridge * float(torch.trace(cov_hh)) / d
     reg = cov_hh + lam * torch.eye(d, dtype=cov_hh.dtype, device=cov_hh.device)
-    W = _solve_psd(reg, cov_hd)  # (D, D)
+    W = _solve_psd(reg, cov_hd)  # (D, D)  # noqa: N806
     if rank == d:
         return mu, W, torch.eye(d, dtype=W.dtype, device=W.device), b
     fitted = cov_hd.T @ W  # = W^T (cov_hh + lam I) W, the fitted values' (augmented) Gram matrix
     fitted = (fitted + fitted.T) / 2
     _, vecs = torch.linalg.eigh(fitted)  # ascending eigenvalues
-    V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors
+    V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors  # noqa: N806
     return mu, W @ V, V.T.contiguous(), b
 
 
@@ -467,7 +467,7 @@ def emulator_from_stats(
         return None
     if kind == "bias":
         return BiasEmulator(stats.mean_update().to(dtype or torch.float32))
-    mu, A, B, b = solve_lowrank(stats, rank, ridge)
+    mu, A, B, b = solve_lowrank(stats, rank, ridge)  # noqa: N806
     cast = dtype or torch.float32
     return LowRankEmulator(mu.to(cast), A.to(cast), B.to(cast), b.to(cast))
 
