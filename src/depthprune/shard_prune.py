@@ -91,20 +91,28 @@ def read_header(path: Path) -> SafetensorsFile:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{str(path)!r} is not a safetensors file: it is shorter than 8 bytes")
+            raise CheckpointError(f"cannot load the weights of {str(path)!r}: it is shorter than 8 bytes")
         (n,) = struct.unpack("<Q", raw)
         size = path.stat().st_size
         if n > size - 8:
-            raise CheckpointError(f"{str(path)!r} is truncated: its header claims {n} bytes, the file has {size}")
+            raise CheckpointError(f"cannot load the weights of {str(path)!r}: truncated (header of {n} bytes, file of {size})")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{str(path)!r} has a malformed safetensors header: {exc}") from None
+            raise CheckpointError(f"cannot load the weights of {str(path)!r}: malformed safetensors header ({exc})") from None
     metadata = header.pop("__metadata__", None)
-    tensors = {
-        name: TensorEntry(v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
-        for name, v in header.items()
-    }
+    try:
+        tensors = {
+            name: TensorEntry(v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+            for name, v in header.items()
+        }
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"cannot load the weights of {str(path)!r}: its safetensors header is malformed") from None
+    need = 8 + n + max((t.end for t in tensors.values()), default=0)
+    if need > size:
+        raise CheckpointError(
+            f"cannot load the weights of {str(path)!r}: the file is truncated ({size} bytes, its header needs {need})"
+        )
     return SafetensorsFile(path=path, data_start=8 + n, tensors=tensors, metadata=metadata)
 
 
