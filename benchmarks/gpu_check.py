@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from stages import TEXT, all_on, collect, compare, stage_argvs  # noqa: E402
+from stages import TEXT, all_on, collect, compare, stage_argvs
 
 LARGE = 4096  # elements; token ids and index tensors of these runs are smaller
 
@@ -113,7 +113,7 @@ def run_arm(name: str, model: Path, text: Path, out: Path, extra: list[str], dev
                         code = main(argv)
                 else:
                     code = main(argv)
-            except Exception as exc:  # report and go on: one broken stage must not hide the others
+            except Exception as exc:  # noqa: BLE001 - report and go on: one broken stage must not hide the others
                 code = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             report["stages"][stage] = {

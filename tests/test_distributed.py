@@ -92,3 +92,25 @@ def test_recentred_stats_add_up_to_one_pass() -> None:
         # float64 sums of 40 rows of O(10) values: agreement to ~1e-13 absolute.
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pooled.mean_update(), whole.mean_update(), rtol=1e-12, atol=1e-12)
+
+
+_DISAGREE = """
+import os, sys
+from depthprune.distributed import check_same, init_from_env
+from depthprune.errors import InputError
+with init_from_env("cpu") as world:
+    try:
+        check_same("calibration data", "tokens of rank %d" % (world.rank if sys.argv[1] == "differ" else 0))
+    except InputError as exc:
+        print("rank", world.rank, "refused:", exc)
+        sys.exit(2)
+"""
+
+
+def test_ranks_that_disagree_about_the_data_stop(tmp_path: Path) -> None:
+    """(Ranks that agree are the other tests here.)"""
+    script = tmp_path / "check.py"
+    script.write_text(_DISAGREE)
+    run = _torchrun(2, [str(script), "differ"], tmp_path)
+    assert run.returncode != 0
+    assert "ranks disagree about the calibration data" in run.stdout
