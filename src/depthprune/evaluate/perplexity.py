@@ -239,7 +239,7 @@ def _window_nll(
     positions = torch.where(valid, positions, first[:, None])
     device = model_device(model)
     logits = logits_at(model, ids.to(device), mask.to(device), positions.to(device))  # (B, K, V)
-    targets = torch.take_along_dim(ids, positions + 1, dim=1).to(device)  # (B, K)
+    targets = torch.take_along_dim(ids, positions + 1, dim=1).to(logits.device)  # (B, K); the head's device under a device map
     total = 0.0
     for i, w in enumerate(windows):  # row by row: one float32 copy of (K, V) at a time
         nll = F.cross_entropy(logits[i, : w.n_scored].float(), targets[i, : w.n_scored], reduction="none")  # (n,)

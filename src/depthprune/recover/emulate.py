@@ -409,7 +409,8 @@ class UpdateCollector:
         if bool(mask.all()):
             self._select = lambda x: x.reshape(-1, x.shape[-1])
         else:
-            self._select = lambda x: x[mask]
+            # Under a device map the layers sit on several GPUs: index where x lives.
+            self._select = lambda x: x[mask.to(x.device)]
 
     def _add(self, unit: Unit, h: torch.Tensor, dh: torch.Tensor) -> None:
         if not bool(torch.isfinite(dh).all()):

@@ -173,6 +173,8 @@ class NextTokenTargets:
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: torch.Tensor) -> NextTokenTargets:
+        # Under a device map the logits come from the last GPU's head: compare them there.
+        input_ids, attention_mask = input_ids.to(logits.device), attention_mask.to(logits.device)
         valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
         return cls(input_ids[:, 1:], valid, F.log_softmax(logits[:, :-1].float(), dim=-1))
 

@@ -154,12 +154,13 @@ class StaticCollector:
         mask = attention_mask.bool()
         if self.last_token_only:
             last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # (B,) last real position
-            rows = torch.arange(mask.shape[0])
-            self._select = lambda h: h[rows, last]
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            # Under a device map the layers sit on several GPUs: index where h lives.
+            self._select = lambda h: h[rows.to(h.device), last.to(h.device)]
         elif bool(mask.all()):
             self._select = lambda h: h.reshape(-1, h.shape[-1])
         else:
-            self._select = lambda h: h[mask]
+            self._select = lambda h: h[mask.to(h.device)]
 
     def _add(self, unit: Unit, h_in: torch.Tensor, h_out: torch.Tensor, delta: torch.Tensor) -> None:
         pieces = token_pieces(h_in, h_out, delta, self._need_l1)
