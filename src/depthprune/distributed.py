@@ -26,6 +26,7 @@ from datetime import timedelta
 
 import torch
 
+from depthprune.devices import HOST
 from depthprune.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def all_reduce_sum(values: Sequence[torch.Tensor | float | int]) -> list[torch.T
     order. Tensors come back on their own devices; numbers come back as 0-d float64 CPU
     tensors. Integer counts up to 2**53 are exact.
     """
-    tensors = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in values]
+    tensors = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=HOST) for v in values]
     if not _initialized() or world().size == 1:
         return [t.to(torch.float64) for t in tensors]
     comm = _comm_device()
