@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
 from safetensors import safe_open
 
 from depthprune.api import PruneConfig, prune_model
@@ -81,7 +81,7 @@ def test_rewrite_equals_in_memory_sharded(sharded_dir: Path, tmp_path: Path, rem
     assert sorted(weight_map) == sorted(_tensors(on_disk))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "qwen2", "gpt2", "phi"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rewrite_equals_in_memory_families(family: str, tmp_path: Path) -> None:
     """Per-layer config lists (layer_types, max_window_layers...) are edited as in memory."""
     src = tmp_path / "src"

@@ -16,10 +16,11 @@ model larger than memory can be pruned:
    chunk, or one tensor when casting, not the model.
 
 The result holds the same tensor names, dtypes and bytes as loading the model, pruning it
-in memory and calling ``save_pretrained`` (tested against that path). When the checkpoint
-does not map one-to-one onto the skeleton (legacy tensor names that transformers renames on
-load, missing or duplicated tied tensors), :func:`plan_rewrite` returns ``None`` and the
-caller loads the model instead.
+in memory and calling ``save_pretrained`` (tested against that path). Names that
+transformers renames between module and file (GPT-NeoX's ``embed_out``) are followed with
+its own conversion mapping. When the checkpoint does not map one-to-one onto the skeleton
+(tensors merged or split on load, names from an older layout, missing or duplicated tied
+tensors), :func:`plan_rewrite` returns ``None`` and the caller loads the model instead.
 """
 
 from __future__ import annotations
@@ -241,9 +242,32 @@ def meta_skeleton(config: Any, trust_remote_code: bool = False) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).eval()
 
 
-def _by_identity(model: Any) -> dict[int, list[str]]:
+def checkpoint_state(model: Any) -> dict[str, Any] | None:
+    """``model``'s tensors under the names ``save_pretrained`` writes them, or ``None``.
+
+    Transformers renames some tensors between module and file (GPT-NeoX's ``lm_head`` is
+    ``embed_out`` on disk) with its checkpoint conversion mapping; this applies the same
+    reversal that ``save_pretrained`` does. ``None`` when the reversal does more than rename
+    (merging or splitting tensors), which a tensor-by-tensor copy cannot follow.
+    """
+    state = model.state_dict(keep_vars=True)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings renames nothing
+        return state
+    try:
+        reverted = revert_weight_conversion(model, dict(state))
+    except Exception as exc:  # noqa: BLE001 - an internal API; any failure means "load instead"
+        logger.info("cannot follow transformers' checkpoint renaming on the meta device: %s", exc)
+        return None
+    if {id(t) for t in reverted.values()} != {id(t) for t in state.values()}:
+        return None
+    return reverted
+
+
+def _by_identity(state: Mapping[str, Any]) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         names.setdefault(id(tensor), []).append(name)
     return names
 
@@ -278,9 +302,11 @@ def plan_rewrite(
         return None
     files = [read_header(p) for p in paths]
     skeleton = meta_skeleton(copy.deepcopy(config), trust_remote_code)
-    before = skeleton.state_dict(keep_vars=True)
+    before = checkpoint_state(skeleton)
+    if before is None:
+        return None
     source_names = [name for f in files for name in f.tensors]
-    if set(source_names) != set(before) and not _only_tied_missing(skeleton, set(before) - set(source_names)):
+    if set(source_names) != set(before) and not _only_tied_missing(before, set(before) - set(source_names)):
         logger.info("checkpoint tensor names do not match the model's; pruning in memory instead")
         return None
     if set(source_names) - set(before) or len(set(source_names)) != len(source_names):
@@ -293,7 +319,10 @@ def plan_rewrite(
         result = prune_(skeleton, list(replacements), spec)
     else:
         result = to_depthpruned_(skeleton, dict(replacements), spec)
-    after = _by_identity(skeleton)
+    after_state = checkpoint_state(skeleton)
+    if after_state is None:
+        return None
+    after = _by_identity(after_state)
     renames: dict[str, str] = {}
     for name in source_names:
         new = after.get(id(before[name]), [])
@@ -308,10 +337,9 @@ def plan_rewrite(
     return RewritePlan(files=files, renames=renames, skeleton=skeleton, result=result, depthpruned=not blocks_only)
 
 
-def _only_tied_missing(model: Any, missing: Iterable[str]) -> bool:
+def _only_tied_missing(state: Mapping[str, Any], missing: Iterable[str]) -> bool:
     """Whether every tensor the checkpoint lacks is a tied copy that save_pretrained leaves out."""
-    by_id = _by_identity(model)
-    state = model.state_dict(keep_vars=True)
+    by_id = _by_identity(state)
     return all(len(by_id[id(state[name])]) > 1 for name in missing)
 
 
