@@ -226,6 +226,11 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
     load = as_load_config(model, **options)
     name = load.model
     if is_gguf_path(name):
+        if load.device_map is not None:
+            raise InputError(
+                f"a device map needs safetensors weights, and {name!r} is a GGUF file; convert it first "
+                "(depthprune convert-gguf), or use --device"
+            )
         return load_gguf(name, load.dtype, load.device, load.attn_implementation, load.load_tokenizer)
     config, local = load_config(load)
     spec = spec_for_config(config)
