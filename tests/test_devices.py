@@ -12,7 +12,8 @@ from conftest import N_LAYERS, tiny_model, tiny_tokenizer
 from stages import TEXT, collect, compare, run_stages
 
 from depthprune.cli import main
-from depthprune.devices import check_device, input_device, parse_device_map
+from depthprune.devices import input_device, parse_device_map
+from depthprune.loading import check_device
 from depthprune.errors import InputError
 
 

@@ -159,6 +159,13 @@ def _one_line_error(code: int, capsys: pytest.CaptureFixture[str], *needles: str
     return lines[0]
 
 
+def _inputs(tmp_path: Path) -> Path:
+    """A folder for input files: an output beside a model file would be in its model folder."""
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def _nothing_written(folder: Path, *keep: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(keep)
 
@@ -215,28 +222,28 @@ def test_convert_never_replaces_the_gguf(smollm2_gguf: Path, tmp_path: Path, cap
 
 
 def test_unsupported_gguf_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = _write_gguf(tmp_path / "bert.gguf", "bert")
+    bad = _write_gguf(_inputs(tmp_path) / "bert.gguf", "bert")
     code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
     _one_line_error(code, capsys, "bert.gguf", "architecture 'bert'", "not supported", "llama")
     code = main(["prune", str(bad), "--remove", "block.0", "-o", str(tmp_path / "out")])
     _one_line_error(code, capsys, "architecture 'bert'")
-    _nothing_written(tmp_path, "bert.gguf")
+    _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_of_a_family_depthprune_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = _write_gguf(tmp_path / "falcon.gguf", "falcon")
+    bad = _write_gguf(_inputs(tmp_path) / "falcon.gguf", "falcon")
     code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
     _one_line_error(code, capsys, "unsupported architecture 'FalconForCausalLM'", "DEPTHPRUNE_ARCH_PATH")
-    _nothing_written(tmp_path, "falcon.gguf")
+    _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_that_is_not_a_causal_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    encoder = _write_gguf(tmp_path / "t5encoder.gguf", "t5encoder")
+    encoder = _write_gguf(_inputs(tmp_path) / "t5encoder.gguf", "t5encoder")
     code = main(["convert-gguf", str(encoder), "-o", str(tmp_path / "out")])
     _one_line_error(code, capsys, "t5encoder.gguf", "'t5encoder'", "not a causal (decoder-only) language model")
     with pytest.raises(ModelLoadError, match="not a causal"):
         load_model(str(encoder))
-    _nothing_written(tmp_path, "t5encoder.gguf")
+    _nothing_written(tmp_path, "inputs")
 
 
 def test_missing_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,20 +255,20 @@ def test_missing_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_file_that_is_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = tmp_path / "notes.gguf"
+    text = _inputs(tmp_path) / "notes.gguf"
     text.write_text("hello world\n" * 10)
-    empty = tmp_path / "empty.gguf"
+    empty = _inputs(tmp_path) / "empty.gguf"
     empty.touch()
     for bad in (text, empty):
         code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
         _one_line_error(code, capsys, bad.name, "is not a GGUF file")
         code = main(["prune", str(bad), "--remove", "block.0", "-o", str(tmp_path / "out")])
         _one_line_error(code, capsys, bad.name, "is not a GGUF file")
-    _nothing_written(tmp_path, "notes.gguf", "empty.gguf")
+    _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_without_its_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    named = _write_gguf(tmp_path / "model.bin", "llama")
+    named = _write_gguf(_inputs(tmp_path) / "model.bin", "llama")
     code = main(["prune", str(named), "--remove", "block.0", "-o", str(tmp_path / "out")])
     _one_line_error(code, capsys, "GGUF file without the .gguf extension")
 

@@ -235,8 +235,15 @@ def test_nll_on_tinystories(model, tokenizer, stories: list[str]) -> None:
 # --------------------------------------------------------------------------- bad inputs
 
 
+def _inputs(tmp_path: Path) -> Path:
+    """A folder for input files: an output beside them would be in their model folder."""
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def test_truncated_checkpoint(tmp_path: Path) -> None:
-    bad = tmp_path / "trunc.bin"
+    bad = _inputs(tmp_path) / "trunc.bin"
     bad.write_bytes(CKPT.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="truncated"):
         read_llama2c_checkpoint(bad)
@@ -279,7 +286,7 @@ def test_missing_and_folder_inputs(tmp_path: Path) -> None:
 
 
 def test_truncated_tokenizer(tmp_path: Path) -> None:
-    bad = tmp_path / "tok.bin"
+    bad = _inputs(tmp_path) / "tok.bin"
     bad.write_bytes(TOK.read_bytes()[:-3])
     with pytest.raises(CheckpointError, match="truncated"):
         read_llama2c_tokenizer(bad)
@@ -293,7 +300,7 @@ def test_tokenizer_vocab_size_mismatch(tmp_path: Path) -> None:
     pos = 4
     for _ in range(300):  # cut cleanly after 300 records
         pos += 8 + struct.unpack_from("<i", data, pos + 4)[0]
-    bad = tmp_path / "tok300.bin"
+    bad = _inputs(tmp_path) / "tok300.bin"
     bad.write_bytes(data[:pos])
     assert len(read_llama2c_tokenizer(bad)[0]) == 300
     with pytest.raises(CheckpointError, match="vocab_size=512"):
@@ -325,7 +332,7 @@ def test_untied_classifier(tmp_path: Path) -> None:
     raw = bytearray(CKPT.read_bytes())
     struct.pack_into("<i", raw, 20, -512)  # negative vocab_size: the classifier follows the freq_cis tables
     wcls = np.arange(512 * 64, dtype="<f4").reshape(512, 64) / 1e4
-    ckpt = tmp_path / "untied.bin"
+    ckpt = _inputs(tmp_path) / "untied.bin"
     ckpt.write_bytes(bytes(raw) + wcls.tobytes())
     cfg, arrays = read_llama2c_checkpoint(ckpt)
     assert not cfg["shared_classifier"] and cfg["vocab_size"] == 512

@@ -174,8 +174,10 @@ def test_prune_config_refuses_bad_values_in_one_line(kwargs: dict, needle: str) 
 
 
 def test_prune_config_parses_units_and_paths_once() -> None:
-    config = PruneConfig(out="out", remove="block.3, attn.1,block.3")
+    config = PruneConfig(out="out", remove="block.3, attn.1")
     assert config.remove == (Unit("attn", 1), Unit("block", 3)) and config.out == Path("out")
+    with pytest.raises(InputError, match="block.3 is given twice"):
+        PruneConfig(out="out", remove="block.3, attn.1,block.3")
     assert PruneConfig(out="out", remove=[Unit("mlp", 2)]).remove == (Unit("mlp", 2),)
     assert PruneConfig(out="out", plan="plan.json").plan == Path("plan.json")
 

@@ -65,7 +65,8 @@ def exported(tiny_model_dirs: dict[str, Path], text: Path, tmp_path_factory: pyt
     outs = {}
     for family in FAMILIES:
         out = root / family
-        config = PruneConfig(plan=plan, out=out, data=text, show_progress=False, **CALIB)
+        # Emulators kept as modules, fitted on every sequence: this is the depthprune-format round trip.
+        config = PruneConfig(plan=plan, out=out, data=text, show_progress=False, fold=False, heldout=0.0, **CALIB)
         prune_model(LoadConfig(str(tiny_model_dirs[family]), dtype="float32"), config)
         outs[family] = out
     return outs

@@ -200,15 +200,16 @@ def test_recover_installs_in_place_and_undoes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [("none", ("none", 0)), ("bias", ("bias", 0)), ("lowrank:12", ("lowrank", 12))]
+    ("value", "expected"),
+    [("none", ("none", 0)), ("bias", ("bias", 0)), ("lowrank:12", ("lowrank", 12)), ("linear:3", ("linear", 3)), ("linear:full", ("linear", 0))],
 )
 def test_parse_replace(value: str, expected: tuple[str, int]) -> None:
     assert parse_replace(value) == expected
 
 
-@pytest.mark.parametrize("bad", ["lowrank", "lowrank:0", "bais", "LoRA:3"])
+@pytest.mark.parametrize("bad", ["lowrank", "lowrank:0", "bais", "LoRA:3", "linear", "linear:0", "linear:abc", "lowrank:full"])
 def test_parse_replace_refuses(bad: str) -> None:
-    with pytest.raises(InputError, match="expected none, bias or lowrank:R"):
+    with pytest.raises(InputError, match="expected none, bias, lowrank:R or linear:R"):
         parse_replace(bad)
 
 

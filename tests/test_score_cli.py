@@ -18,7 +18,7 @@ def test_score_cli_writes_scores_json_and_plot(stories_dir: Path, shared: Path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert set(doc) == {"model", "family", "n_layers", "calibration", "scores", "stderr", "definitions", "meta"}
+    assert set(doc) == {"model", "family", "n_layers", "config_sha256", "calibration", "scores", "stderr", "definitions", "meta"}
     assert doc["family"] == "llama" and doc["n_layers"] == 5
     cal = doc["calibration"]
     assert (cal["n_sequences"], cal["seq_len"], cal["n_tokens"]) == (4, 64, 256) and len(cal["sha256"]) == 64

@@ -15,8 +15,11 @@ from depthprune.errors import InputError
 from depthprune.units import ModelLayout, Unit, all_units, mask_units, parse_units, swap_units_
 
 
-def test_parse_units_sorted_unique_and_validated() -> None:
-    assert parse_units("mlp.1, block.3,attn.0,block.3", 4) == [Unit("attn", 0), Unit("block", 3), Unit("mlp", 1)]
+def test_parse_units_sorted_and_validated() -> None:
+    assert parse_units("mlp.1, block.3,attn.0", 4) == [Unit("attn", 0), Unit("block", 3), Unit("mlp", 1)]
+    # A repeated unit is a typo, not something to drop silently (issue 13, class 7).
+    with pytest.raises(InputError, match="block.3 is given twice"):
+        parse_units("mlp.1, block.3,attn.0,block.3", 4)
     assert str(Unit("attn", 2)) == "attn.2"
     with pytest.raises(InputError, match="Did you mean: block"):
         parse_units("blok.1", 4)

@@ -1,71 +1,334 @@
-"""Atomic writing of output folders and files."""
+"""Every write of an output: checks, temporary names, atomic commits and OS errors.
+
+All outputs are written through this module, so that the promises hold in one place:
+
+- an output never lies inside (or holds) a model folder or input file the command reads
+  (:func:`check_target`);
+- a file where a folder is expected, or the reverse, a missing parent, a read-only
+  folder or a full disk end in one :class:`~depthprune.errors.WriteError` line, and
+  the temporary files are removed (:func:`os_errors`);
+- outputs are built under a temporary name ``.NAME.tmp-<pid>-<random>`` beside the
+  target; leftovers of a process that no longer runs are removed before the next write
+  (:func:`clean_stale`);
+- the final rename never replaces an output that appeared meanwhile unless ``force``
+  (a no-replace rename, :func:`_commit`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from depthprune.distributed import is_writer
-from depthprune.errors import CheckpointError, InputError, OutputExistsError
+from depthprune.errors import CheckpointError, DepthPruneError, InputError, OutputExistsError, WriteError
+
+Kind = Literal["file", "dir"]
+PathLike = str | os.PathLike[str]
+
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit was reached",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.ENOENT: "a folder on the path does not exist",
+    errno.ENAMETOOLONG: "the name is too long",
+}
 
 
-def check_output(out: str | os.PathLike[str], force: bool) -> Path:
-    """Validate an output path before any work starts.
+def _reason(exc: OSError) -> str:
+    return _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+
+
+@contextlib.contextmanager
+def os_errors(target: PathLike) -> Iterator[None]:
+    """Turn an OS error (or safetensors' I/O error) raised while writing ``target`` into one
+    :class:`~depthprune.errors.WriteError` line. depthprune's own errors pass through."""
+    try:
+        yield
+    except DepthPruneError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"cannot write {str(target)!r}: {_reason(exc)}") from None
+    except Exception as exc:
+        # safetensors writes from Rust and reports a failed write as SafetensorError.
+        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+            match = re.search(r"os error (\d+)", str(exc))
+            reason = _reason(OSError(int(match.group(1)), "")) if match else str(exc)
+            raise WriteError(f"cannot write {str(target)!r}: {reason}") from None
+        raise
+
+
+def _local(path: PathLike) -> Path | None:
+    """The resolved path of an existing local file or folder; ``None`` for a Hub id."""
+    p = Path(path).expanduser()
+    return p.resolve() if p.exists() else None
+
+
+def _overlaps(out: Path, source: Path) -> bool:
+    return out == source or source in out.parents or out in source.parents
+
+
+def check_target(
+    out: PathLike,
+    kind: Kind | None = None,
+    models: Iterable[PathLike | None] = (),
+    inputs: Iterable[PathLike | None] = (),
+) -> Path:
+    """Check that ``out`` can be written, whether or not it exists (for outputs that resume).
 
     Args:
         out: The file or folder to be written.
-        force: Whether an existing output may be replaced.
+        kind: ``"file"`` or ``"dir"``: an existing ``out`` of the other kind is refused,
+            even with ``--force``, because replacing it would destroy something else.
+        models: Models the command reads (folders, ``.gguf`` or other model files, or Hub
+            ids, which are skipped). ``out`` may not be, lie inside or hold a model's
+            folder (for a model file, the folder that holds it). Symlinks are resolved.
+        inputs: Other files the command reads (a plan, data); ``out`` may not be one, nor,
+            for a folder, hold one.
 
     Returns:
-        The output as a ``Path``.
+        ``out`` as a ``Path``.
+
+    Raises:
+        InputError: ``out`` overlaps a model or an input, or its parent is missing.
+        WriteError: ``out`` or its parent is of the wrong kind.
+    """
+    path = Path(out)
+    resolved = path.expanduser().resolve()
+    for model in models:
+        src = _local(model) if model is not None else None
+        if src is None:
+            continue
+        folder = src if src.is_dir() else src.parent
+        if _overlaps(resolved, folder):
+            raise InputError(
+                f"refusing to write {str(path)!r}: it is, holds or lies inside the folder of the source model "
+                f"{str(model)!r}, which is never written; choose another output path"
+            )
+    for item in inputs:
+        src = _local(item) if item is not None else None
+        # An output folder written as a whole (kind "dir") replaces what it holds.
+        if src is not None and (resolved == src or (kind == "dir" and resolved in src.parents)):
+            raise InputError(f"refusing to write {str(path)!r}: it would replace the input {str(item)!r}; choose another output path")
+    parent = path.absolute().parent
+    if not parent.exists():
+        raise InputError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise WriteError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise WriteError(f"cannot write {str(path)!r}: it is a file, and a folder is expected here; choose another path")
+    if kind == "file" and path.is_dir():
+        raise WriteError(f"cannot write {str(path)!r}: it is a folder, and a file is expected here; choose another path")
+    return path
+
+
+def check_output(
+    out: PathLike,
+    force: bool,
+    kind: Kind | None = None,
+    models: Iterable[PathLike | None] = (),
+    inputs: Iterable[PathLike | None] = (),
+) -> Path:
+    """Validate an output path before any work starts: :func:`check_target`, and that it
+    does not exist unless ``force``.
 
     Raises:
         OutputExistsError: ``out`` exists and ``force`` is false.
-        InputError: the parent folder of ``out`` does not exist.
+        InputError, WriteError: see :func:`check_target`.
     """
-    path = Path(out)
+    path = check_target(out, kind, models, inputs)
     # Under torchrun rank 0 alone checks: it may already have written ``out`` when a rank
     # that runs no collective before writing (plan, prune) gets here.
     if path.exists() and not force and is_writer():
         raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
     return path
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out`` only if the block succeeds.
+# Temporary names: ".NAME.tmp-<pid>-<random>" (and ".NAME.old-<pid>-<random>" for a
+# replaced output on its way out).
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]*$")
 
-    The temporary folder is a sibling of ``out`` so the final rename stays on one file
-    system. On any error it is removed and ``out`` is left untouched. Under torchrun only
-    rank 0 replaces ``out``: other ranks get a scratch folder that is deleted afterwards.
+
+def _temp_prefix(target: Path, what: str = "tmp") -> str:
+    return f".{target.name}.{what}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def temp_leftovers(target: PathLike) -> list[Path]:
+    """depthprune's temporary files and folders of ``target`` in its folder, of any process."""
+    path = Path(target).absolute()
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    out = []
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m and m.group("name") == path.name:
+            out.append(p)
+    return out
+
+
+def clean_stale(target: PathLike) -> list[Path]:
+    """Remove the temporary files of ``target`` left by processes that no longer run (a
+    killed write); those of running processes, this one included, stay.
+
+    Returns:
+        The paths removed.
     """
-    path = check_output(out, force)
-    if not is_writer():
+    removed = []
+    for p in temp_leftovers(target):
+        m = _TEMP.match(p.name)
+        if m and not _alive(int(m.group("pid"))):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with ``FileExistsError`` when ``dst`` exists."""
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    # Fallbacks where the file system has no no-replace rename: a hard link for a file
+    # (fails if dst exists); for a folder, claim dst with mkdir, then rename onto the empty claim.
+    if src.is_dir():
+        os.mkdir(dst)
+        try:
+            os.rename(src, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)
+            raise
+    else:
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def _commit(tmp: Path, target: Path, force: bool) -> None:
+    """Move a finished temporary file or folder to ``target``."""
+    if not force:
+        try:
+            _rename_noreplace(tmp, target)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise OutputExistsError(
+                    f"output {str(target)!r} appeared while it was being written (another process?); "
+                    "pass --force to overwrite it"
+                ) from None
+            raise
+        return
+    if tmp.is_dir() and target.exists():
+        # A folder cannot replace a non-empty folder in one rename: move the old one aside.
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=target.parent)) / "x"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _remove(old.parent)
+    else:
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    out: PathLike, force: bool = False, models: Iterable[PathLike | None] = (), inputs: Iterable[PathLike | None] = ()
+) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` only if the block succeeds.
+
+    The temporary folder is a sibling of ``out`` (one file system, so the final rename is
+    atomic). On any error it is removed and ``out`` is left untouched; an ``OSError``
+    becomes a one-line :class:`~depthprune.errors.WriteError`. Under torchrun only rank 0
+    writes ``out``: other ranks get a scratch folder that is deleted afterwards.
+
+    Raises:
+        OutputExistsError: ``out`` exists, or appeared meanwhile, and ``force`` is false.
+        InputError, WriteError: see :func:`check_target` and :func:`os_errors`.
+    """
+    path = check_output(out, force, "dir", models, inputs).absolute()
+    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch folder
         with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
             yield Path(scratch)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    with os_errors(out):
+        clean_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
-        yield tmp
-        _apply_umask(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
+        with os_errors(out):
+            yield tmp
+            _apply_umask(tmp)
+            _commit(tmp, path, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(
+    out: PathLike, force: bool = True, models: Iterable[PathLike | None] = (), inputs: Iterable[PathLike | None] = ()
+) -> Iterator[Path]:
+    """Yield a temporary file path (with ``out``'s suffix) that becomes ``out`` only if the
+    block succeeds; as :func:`atomic_dir`, for one file."""
+    path = check_output(out, force, "file", models, inputs).absolute()
+    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch file
+        with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
+    with os_errors(out):
+        clean_stale(path)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        with os_errors(out):
+            yield tmp
+            _apply_umask(tmp)
+            _commit(tmp, path, force)
+    except BaseException:
+        _remove(tmp)
         raise
 
 
@@ -82,26 +345,36 @@ def _apply_umask(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any, force: bool = True) -> Path:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename.
+def write_text_atomic(path: PathLike, text: str, force: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    with atomic_file(path, force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
-    Under torchrun only rank 0 writes; other ranks return ``path`` untouched.
+
+def write_json_atomic(path: PathLike, data: Any, force: bool = True) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n", force)
+
+
+def copy_file_atomic(src: PathLike, path: PathLike, force: bool = True) -> Path:
+    """Copy ``src`` to ``path`` through a temporary file and a rename."""
+    with atomic_file(path, force) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(path)
+
+
+def make_dir(path: PathLike, models: Iterable[PathLike | None] = (), inputs: Iterable[PathLike | None] = ()) -> Path:
+    """Create the output folder ``path`` if it is missing (its parent must exist), for
+    outputs that fill a folder file by file and resume (run, sweep, findings).
+
+    Raises:
+        InputError, WriteError: see :func:`check_target`; an OS error as a WriteError.
     """
-    target = check_output(path, force)
-    if not is_writer():
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.absolute().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        _apply_umask(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    p = check_target(path, "dir", models, inputs)
+    with os_errors(p):
+        p.mkdir(exist_ok=True)
+    return p
 
 
 def read_checkpoint(path: Path, kind: str, what: str, hint: str) -> dict[str, Any]:

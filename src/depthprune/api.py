@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable
@@ -14,19 +15,28 @@ from depthprune.architectures import spec_for_config
 from depthprune.data import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
+    TokenBatches,
     context_length,
     load_calibration,
 )
 from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
+from depthprune.identity import check_made_for
 from depthprune.loading import LoadConfig, load_config, load_model
 from depthprune.nemotron_nas import check_family, refuse_emulators
 from depthprune.plan import check_replace, plan_units, read_plan
 from depthprune.prune import PruneResult, prune_
 from depthprune.pruned_classes import to_depthpruned_
-from depthprune.recover.emulate import DEFAULT_RIDGE, EmulationConfig, fit_emulators
+from depthprune.recover.emulate import (
+    DEFAULT_RIDGE,
+    EmulationConfig,
+    fit_emulators,
+    parse_replace,
+)
+from depthprune.recover.fold import FoldResult, fold_
 from depthprune.recover.install import check_replacements
+from depthprune.recover.select import DEFAULT_HELDOUT, select_emulators, split_tail
 from depthprune.units import Unit, parse_units
 
 logger = logging.getLogger(__name__)
@@ -45,8 +55,9 @@ class PruneConfig:
         plan: A ``plan.json`` (from ``depthprune plan`` or written by hand) naming the
             units and their replacements instead. Its document is stored as the ``plan``
             field of ``depthprune.json``.
-        recover: ``none``, ``bias`` or ``lowrank:R`` for every removed unit, overriding the
-            plan's ``replace`` values; ``None`` keeps them (``none`` with ``remove``).
+        recover: ``none``, ``bias``, ``lowrank:R`` or ``linear:R`` (``linear:full``) for every
+            removed unit, overriding the plan's ``replace`` values; ``None`` keeps them
+            (``none`` with ``remove``).
         data: Calibration text for fitting emulators (see :func:`depthprune.data.read_texts`).
         n_samples: Calibration sequences.
         seq_len: Tokens per calibration sequence (capped by the model's context).
@@ -54,6 +65,14 @@ class PruneConfig:
         text_field: Field of JSONL records or dataset rows that holds the text.
         ridge: Relative ridge of low-rank fits (see :mod:`depthprune.recover.emulate`).
         batch_size: Sequences per forward pass of the fit.
+        fold: Fold bias and linear emulators into the weights of the kept layers where
+            that is exact (:mod:`depthprune.recover.fold`); with only blocks removed and
+            everything folded, the export is a standard checkpoint. ``False`` keeps every
+            emulator a module (a ``depthprune_<family>`` export).
+        heldout: Fraction of the calibration sequences (the last ones) held out to check
+            each fitted emulator against plain removal; an emulator that does not lower
+            the held-out loss is dropped (:mod:`depthprune.recover.select`). ``0`` keeps
+            every emulator unchecked and fits on all sequences.
         export_format: ``hf``, or ``nemotron-nas`` for a DeciLM-style config that vLLM
             serves (families whose architecture file allows it, no emulators).
         force: Replace an existing ``out``.
@@ -76,6 +95,8 @@ class PruneConfig:
     text_field: str = "text"
     ridge: float = DEFAULT_RIDGE
     batch_size: int = 8
+    fold: bool = True
+    heldout: float = DEFAULT_HELDOUT
     export_format: ExportFormat = "hf"
     force: bool = False
     dry_run: bool = False
@@ -103,7 +124,9 @@ class PruneConfig:
                 raise InputError(f"{name} {value!r} is invalid; expected a whole number >= {least}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise InputError(f"text_field {self.text_field!r} is invalid; expected a field name such as text")
-        for name in ("force", "dry_run", "show_progress", "rewrite_shards"):
+        if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
+            raise InputError(f"held-out fraction {self.heldout!r} is invalid; expected a number in [0, 1), e.g. 0.2")
+        for name in ("force", "dry_run", "show_progress", "fold", "rewrite_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
         self.emulation()  # checks ridge and batch_size
@@ -127,8 +150,15 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     path, the family, the unit names against the config's layer count, the replacements,
     that emulation has data, and that the export format can express the result.
 
-    When only whole blocks go and nothing is emulated, the export is a standard checkpoint
-    of the same architecture. Otherwise it is a ``depthprune_<family>`` checkpoint (see
+    With emulation, the last ``heldout`` part of the calibration sequences checks each
+    fitted emulator against plain removal (:func:`depthprune.recover.select.select_emulators`),
+    and with ``fold`` the bias and linear emulators that fold exactly into the kept
+    weights are folded (:func:`depthprune.recover.fold.fold_`). ``depthprune.json`` records
+    per unit the decision, both held-out losses, and where it was folded or why not.
+
+    When only whole blocks go and nothing is left emulated (none asked for, or every
+    emulator dropped or folded), the export is a standard checkpoint of the same
+    architecture. Otherwise it is a ``depthprune_<family>`` checkpoint (see
     :mod:`depthprune.pruned_classes`): blocks without an emulator are still deleted, removed
     sublayers and emulated blocks keep a slot with a no-op or an emulator, and the folder
     loads with ``depthprune.load`` or, after ``import depthprune``, ``AutoModelForCausalLM``.
@@ -145,12 +175,16 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
             cannot express the result.
     """
     plan_doc = read_plan(prune.plan) if prune.plan is not None else None
+    sources = {"models": [load.model], "inputs": [prune.plan, prune.data]}
     if not prune.dry_run:
-        check_output(prune.out, prune.force)
+        check_output(prune.out, prune.force, "dir", **sources)
     config, local = load_config(load)
     spec = spec_for_config(config)
     n_layers = spec.num_layers(config)
     if plan_doc is not None:
+        check_made_for(
+            plan_doc, config, n_layers, f"plan file {str(prune.plan)!r}", load.model, "make the plan from this model's scores"
+        )
         entries = plan_units(plan_doc, n_layers, where=f"plan file {str(prune.plan)!r}")
     else:
         entries = [(u, "none") for u in prune.remove]
@@ -158,6 +192,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         entries = [(u, prune.recover) for u, _ in entries]
     table = dict(entries)
     check_replacements(table, n_layers)
+    _check_ranks(entries, config)
     dropped = sum(1 for u, r in entries if u.kind == "block" and r == "none")
     if dropped >= n_layers:
         raise InputError(f"cannot remove every block: the model has {n_layers} layers and {dropped} were given")
@@ -167,17 +202,14 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)
-    # `local` is the model folder, or the folder holding a .gguf file, which is itself refused too.
-    if local is not None and prune.out.resolve() in (local.resolve(), Path(load.model).expanduser().resolve()):
-        raise InputError(
-            f"refusing to write {str(prune.out)!r}: it is or holds the source model {str(load.model)!r}; choose another -o"
-        )
     if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
-        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries)
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources)
         if rewritten is not None:
             return rewritten
     loaded = load_model(load)
+    params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
+    recovery: dict[str, Any] | None = None
     if all(u.kind == "block" and r == "none" for u, r in entries):
         result = prune_(loaded.model, [u for u, _ in entries], loaded.spec)
     else:
@@ -192,15 +224,17 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
                 max_context=context_length(loaded.model),
                 text_field=prune.text_field,
             )
-            replacements = fit_emulators(loaded.model, calibration, table, prune.emulation(), loaded.spec)
-        result = to_depthpruned_(loaded.model, replacements, loaded.spec)
-    if prune.dry_run:
-        return result
-    if not is_writer():  # under torchrun every rank fits; rank 0 alone writes
+            replacements, recovery = _recover(loaded, calibration, table, prune)
+        if all(u.kind == "block" and e is None for u, e in replacements.items()):
+            result = prune_(loaded.model, list(replacements), loaded.spec)
+        else:
+            result = to_depthpruned_(loaded.model, replacements, loaded.spec)
+    result = dataclasses.replace(result, params_before=params_source)
+    if prune.dry_run or not is_writer():  # under torchrun every rank fits; rank 0 alone writes
         return result
     manifest = _manifest(load, loaded.spec.family, result, entries, plan_doc)
     if calibration is not None:
-        manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, "calibration": calibration.info.to_dict()}
+        manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, **(recovery or {})}
     export(
         loaded.model,
         prune.out,
@@ -208,6 +242,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         manifest=manifest,
         force=prune.force,
         source_dir=local,
+        sources=sources,
         export_format=prune.export_format,
     )
     return result
@@ -236,6 +271,7 @@ def _prune_on_disk(
     table: dict[Unit, str],
     plan_doc: Any,
     entries: list[tuple[Unit, str]],
+    sources: dict[str, Any],
 ) -> PruneResult | None:
     """Prune by rewriting the safetensors shards (see :mod:`depthprune.shard_prune`), or ``None``.
 
@@ -265,6 +301,7 @@ def _prune_on_disk(
         generation_config=_generation_config(local, plan.skeleton),
         manifest=_manifest(load, spec.family, result, entries, plan_doc),
         force=prune.force,
+        sources={**sources, "models": [*sources.get("models", ()), local]},
     )
     return result
 
@@ -276,6 +313,58 @@ def _generation_config(local: Path, skeleton: Any) -> Any | None:
     if (local / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(str(local))
     return skeleton.generation_config if skeleton.can_generate() else None
+
+
+def _check_ranks(entries: list[tuple[Unit, str]], config: Any) -> None:
+    """Refuse a ``linear:R`` rank above the model's width before anything is loaded."""
+    width = getattr(config, "hidden_size", None)
+    for unit, replace in entries:
+        kind, rank = parse_replace(replace)
+        if kind == "linear" and isinstance(width, int) and rank > width:
+            raise InputError(
+                f"rank {rank} of {unit} -> {replace} is out of range: the model's width is {width}; "
+                f"use linear:R with 1 <= R <= {width}, or linear:full"
+            )
+
+
+def _recover(
+    loaded: Any, calibration: TokenBatches, table: dict[Unit, str], prune: PruneConfig
+) -> tuple[dict[Unit, Any], dict[str, Any]]:
+    """Fit, check on held-out sequences, and fold the stand-ins of ``table``.
+
+    Returns:
+        The replacements to install (``None`` where removal is plain, dropped or folded),
+        and the ``recover`` part of ``depthprune.json`` without method and ridge.
+    """
+    model, spec = loaded.model, loaded.spec
+    fit, heldout = split_tail(calibration, prune.heldout)
+    replacements = fit_emulators(model, fit, table, prune.emulation(), spec)
+    decisions = {}
+    if heldout is not None:
+        replacements, decisions = select_emulators(model, replacements, heldout, spec, prune.batch_size, prune.show_progress)
+    elif prune.heldout > 0:
+        logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
+    folding = FoldResult()
+    if prune.fold:
+        replacements, folding = fold_(model, replacements, spec)
+    units: dict[str, Any] = {}
+    for unit, replace in sorted(table.items()):
+        if replace == "none":
+            continue
+        entry = decisions[unit].to_dict() if unit in decisions else {"replace": replace, "decision": "keep (unchecked)"}
+        entry["folded_into"] = folding.folded.get(unit)
+        if unit in folding.refused and entry["decision"] != "drop":
+            entry["fold_refused"] = folding.refused[unit]
+        units[str(unit)] = entry
+    recovery = {
+        "calibration": calibration.info.to_dict(),
+        "fit": fit.info.to_dict(),
+        "heldout": None if heldout is None else heldout.info.to_dict(),
+        "fold": prune.fold,
+        "bias_flags": list(folding.flags),
+        "units": units,
+    }
+    return replacements, recovery
 
 
 __all__ = ["PruneConfig", "prune_model"]

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import pkgutil
+import signal
 import sys
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from depthprune import __version__, commands
-from depthprune.errors import DepthPruneError
+from depthprune.errors import DepthPruneError, UsageError
 
 # Subcommands in the order of the pipeline; modules not listed come after, by name.
 ORDER = ("convert", "score", "shapley", "plan", "prune", "recover", "eval", "sweep", "run", "demo", "testbed")
@@ -34,8 +36,19 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, not the usage text.
+
+    Sub-parsers are made of the parser's own class, so every subcommand inherits this.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Raise :class:`UsageError` (``main`` prints it as one line, exit code 2)."""
+        raise UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="depthprune",
         description="Score, remove and repair whole layers of decoder LLMs.",
     )
@@ -92,14 +105,27 @@ def _rank_stdout(rank: int) -> Iterator[None]:
         yield
 
 
+def _no_kill_on_file_size_limit() -> None:
+    """Past a file size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ;
+    ignored, the write fails with EFBIG instead, which the writers report in one line."""
+    if hasattr(signal, "SIGXFSZ"):
+        with contextlib.suppress(ValueError):  # not the main thread: leave it
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input, with one line on stderr)."""
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"depthprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     from depthprune.distributed import env_world_size, init_from_env
 
     if env_world_size() > 1:
         args.quiet = True  # torchrun: ranks run in step; progress bars and logs would repeat
     _setup_logging(args)
+    _no_kill_on_file_size_limit()
     try:
         with init_from_env(getattr(args, "device", None) or "cpu") as world, _rank_stdout(world.rank):
             args.func(args)

@@ -87,30 +87,43 @@ class TokenBatches:
         return TokenBatches(self.input_ids[rows.start : rows.stop], self.attention_mask[rows.start : rows.stop], self.info)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a file that must be UTF-8 (every text file depthprune reads as data).
+
+    Raises:
+        InputError: the file is not UTF-8; the message gives the byte offset of the first
+            bad byte.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{str(path)!r} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} cannot be decoded; "
+            "expected UTF-8 (convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{line_no} is not valid JSON ({exc.msg}); expected one object per line") from exc
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise InputError(f"{path}:{line_no} has no string field {field!r}; pass --text-field to name another")
-            texts.append(record[field])
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line breaks.
+    for line_no, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{line_no} is not valid JSON ({exc.msg}); expected one object per line") from exc
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise InputError(f"{path}:{line_no} has no string field {field!r}; pass --text-field to name another")
+        texts.append(record[field])
     return texts
 
 
 def _read_file(path: Path, field: str) -> list[str]:
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path, field)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text") from exc
-    return [doc for doc in text.split(DOC_SEPARATOR)]
+    return read_utf8(path).split(DOC_SEPARATOR)
 
 
 def read_texts(source: str | os.PathLike[str], text_field: str = "text") -> list[str]:

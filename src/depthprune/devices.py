@@ -1,4 +1,4 @@
-"""Where a model's inputs go, and checking device names, for plain and dispatched models.
+"""Where a model's inputs go, and checking device maps, for plain and dispatched models.
 
 A model is either on one device (``model.to(device)``) or dispatched by accelerate across
 several (``device_map``): its layers then sit on different GPUs, the CPU or disk, each with
@@ -55,32 +55,6 @@ def input_device(model: nn.Module) -> torch.device:
     return module_device(model)
 
 
-def check_device(name: str) -> torch.device:
-    """Parse a device name and check that this machine has it.
-
-    Raises:
-        InputError: the name is not a torch device, or names an accelerator this machine
-            lacks (``cuda`` without a GPU, ``cuda:3`` with two).
-    """
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device {name!r} is not a torch device; expected e.g. cpu, cuda or cuda:0") from None
-    if device.type in ("cpu", "meta"):
-        return device
-    backend: Any = getattr(torch, device.type, None)
-    available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
-    count = int(backend.device_count()) if available and hasattr(backend, "device_count") else 0
-    if not available:
-        raise InputError(f"device {name!r} does not exist on this machine: torch sees no {device.type} device; use --device cpu")
-    if device.index is not None and device.index >= count:
-        raise InputError(
-            f"device {name!r} does not exist on this machine: it has {count} {device.type} device(s) "
-            f"({device.type}:0..{device.type}:{count - 1})"
-        )
-    return device
-
-
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -109,6 +83,8 @@ def check_device_map(device_map: Any) -> None:
             raise InputError(f"device map place {place!r} of {module!r} is invalid; expected cpu, disk or a GPU index")
         if place == "disk":
             continue
+        from depthprune.loading import check_device  # loading imports this module
+
         check_device(f"cuda:{place}" if isinstance(place, int) else place)
 
 

@@ -20,6 +20,10 @@ class InputError(DepthPruneError, ValueError):
     """A value given by the user is malformed or out of range."""
 
 
+class UsageError(DepthPruneError, ValueError):
+    """A command line that the argument parser refuses (unknown flag, bad number, ...)."""
+
+
 class ModelLoadError(DepthPruneError, ValueError):
     """A model path or id could not be loaded as a decoder LLM."""
 
@@ -65,3 +69,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class WriteError(DepthPruneError):
+    """An output could not be written: a read-only folder, a full disk, a file where a folder is expected."""

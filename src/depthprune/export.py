@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ from torch import nn
 
 from depthprune import __version__
 from depthprune._fs import atomic_dir
-from depthprune.errors import InputError, check_choice
+from depthprune.errors import check_choice
 from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
 
 if TYPE_CHECKING:
@@ -57,6 +56,7 @@ def export(
     force: bool = False,
     source_dir: Path | None = None,
     export_format: ExportFormat = "hf",
+    sources: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer) to ``out`` atomically.
 
@@ -80,6 +80,8 @@ def export(
         manifest: Extra content of ``depthprune.json`` (source, removed units, index map...).
         force: Replace an existing ``out``.
         source_dir: The local folder the model was loaded from; refused as ``out``.
+        sources: ``models`` and ``inputs`` the caller read, refused as or around ``out``
+            (see :func:`depthprune._fs.check_target`).
         export_format: ``hf`` or ``nemotron-nas``.
 
     Returns:
@@ -90,14 +92,14 @@ def export(
             ``export_format``.
     """
     out_path = Path(out)
-    if source_dir is not None and out_path.resolve() == Path(source_dir).resolve():
-        raise InputError(f"refusing to write into the source model folder {str(source_dir)!r}; choose another -o")
+    sources = dict(sources or {})
+    sources["models"] = [*sources.get("models", ()), source_dir]
     check_choice(export_format, EXPORT_FORMATS, "export format")
     nas_config = nemotron_nas_config(model) if export_format == "nemotron-nas" else None
     from depthprune.pruned_classes import WEIGHTS_VARIANT, is_depthpruned
 
     depthpruned = is_depthpruned(model) and export_format == "hf"
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, **sources) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, variant=WEIGHTS_VARIANT if depthpruned else None)
         _write_beside_weights(tmp, model.config, depthpruned, tokenizer, manifest, export_format, nas_config)
     logger.info("wrote %s", out_path)
@@ -122,7 +124,6 @@ def _write_beside_weights(
         tokenizer.save_pretrained(tmp)
     body = {
         "depthprune_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "format": export_format,
         **(manifest or {}),
     }
@@ -138,6 +139,7 @@ def export_rewritten(
     generation_config: Any | None = None,
     manifest: dict[str, Any] | None = None,
     force: bool = False,
+    sources: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint pruned on disk (see :mod:`depthprune.shard_prune`) to ``out`` atomically.
 
@@ -153,6 +155,8 @@ def export_rewritten(
         generation_config: Saved beside the model when given.
         manifest: Extra content of ``depthprune.json``.
         force: Replace an existing ``out``.
+        sources: ``models`` and ``inputs`` that ``out`` must not overlap (see
+            :func:`depthprune._fs.check_target`).
 
     Returns:
         The output folder.
@@ -161,7 +165,7 @@ def export_rewritten(
     from depthprune.shard_prune import write_rewritten
 
     out_path = Path(out)
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, **(sources or {})) as tmp:
         write_rewritten(plan, tmp, dtype, WEIGHTS_VARIANT if plan.depthpruned else None)
         config = plan.skeleton.config
         # What save_pretrained records about the model object it saves.

@@ -27,16 +27,16 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict
 from torch import nn
 
-from depthprune._fs import write_json_atomic
+from depthprune._fs import copy_file_atomic, make_dir, os_errors, write_json_atomic, write_text_atomic
 from depthprune.errors import InputError
 from depthprune.units import Unit
 
@@ -70,6 +70,9 @@ class FindingsSection:
         doc: Also copy ``findings.md`` and its figures here (e.g. ``docs/findings.md``).
         command: The command that reproduces the run, quoted in the document.
     """
+
+    # A recipe's findings: mapping is validated by pydantic (depthprune.recipe); no unknown keys.
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     tasks: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=lambda: ["block", "attn", "mlp"])
@@ -116,7 +119,7 @@ def check_section(s: FindingsSection, recipe_tasks: Sequence[str], metrics: Sequ
     """
     from depthprune.evaluate import parse_task
     from depthprune.recover.compare import parse_learned
-    from depthprune.recover.emulate import parse_replace
+    from depthprune.recover.emulate import parse_stand_in
 
     tasks = list(s.tasks or recipe_tasks)
     if not tasks:
@@ -131,7 +134,7 @@ def check_section(s: FindingsSection, recipe_tasks: Sequence[str], metrics: Sequ
     if unscored:
         raise InputError(f"findings use unit kinds {unscored} that score.units ({', '.join(kinds)}) does not score")
     for m in s.emulate_methods:
-        parse_replace(m)
+        parse_stand_in(m)
     for m in s.learned:
         parse_learned(m)
 
@@ -274,7 +277,11 @@ def measure_f3(
     if not s.emulate_units:
         return {}
     from depthprune.evaluate import evaluate
-    from depthprune.recover.compare import CompareConfig, compare_recovery, split_heldout
+    from depthprune.recover.compare import (
+        CompareConfig,
+        compare_recovery,
+        split_heldout,
+    )
 
     fit, held_out = split_heldout(data, min(s.eval_samples, len(data.input_ids) - 1))
     out: dict[str, Any] = {"fit": fit.info.to_dict(), "eval": held_out.info.to_dict(), "units": {}}
@@ -329,7 +336,11 @@ def run_findings(
     if not tasks:
         raise InputError("findings need tasks: set findings.tasks or the recipe's tasks")
     static_tasks = list(section.static_tasks or tasks)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from depthprune.architectures import num_layers
+    from depthprune.identity import check_made_for
+
+    check_made_for(scores, model.config, num_layers(model.config), "the scores file", model_name, "score this model first")
+    make_dir(out_dir)
     n_layers = int(scores["n_layers"])
     cache = PointCache(out_dir / POINTS_FILE)
     run = _Runner(model, tokenizer, cache)
@@ -356,11 +367,11 @@ def run_findings(
 
 def _copy_doc(doc: Path, out_dir: Path, target: Path) -> None:
     """Copy ``findings.md`` and its figures next to ``target`` (figures in ``<stem>/``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figures = target.parent / target.stem
-    figures.mkdir(exist_ok=True)
+    with os_errors(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    figures = make_dir(target.parent / target.stem)
     text = doc.read_text(encoding="utf-8")
     for png in sorted(out_dir.glob("*.png")):
-        shutil.copyfile(png, figures / png.name)
+        copy_file_atomic(png, figures / png.name)
         text = text.replace(f"]({png.name})", f"]({target.stem}/{png.name})")
-    target.write_text(text, encoding="utf-8")
+    write_text_atomic(target, text)

@@ -73,8 +73,13 @@ def _plot_curves(path: Path, title: str, series: dict[str, list[tuple[float, dic
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from depthprune._fs import atomic_file
+
+    try:
+        with atomic_file(path, force=True) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _f1(found: Findings, out_dir: Path, lines: list[str], verdicts: list[str]) -> None:
@@ -295,5 +300,6 @@ def write_findings_doc(found: Findings, scores: dict[str, Any], section: Finding
     _f3(found, lines, verdicts)
     text = "\n".join(lines).replace("<!-- verdicts -->", "\n".join(f"- {v}" for v in verdicts) or "- nothing measured")
     path = out_dir / "findings.md"
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
+    from depthprune._fs import write_text_atomic
+
+    return write_text_atomic(path, text + "\n")

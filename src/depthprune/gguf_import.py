@@ -339,7 +339,7 @@ def _load_weights(header: GGUFHeader, config: Any, dtype: str, attn_implementati
     """Dequantize a GGUF file into a plain (not quantized-flagged) causal LM on the CPU."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from depthprune.loading import DTYPES
+    from depthprune.loading import DTYPES, check_loading_info, quiet_loading_report
 
     try:
         import accelerate  # noqa: F401  transformers needs it for GGUF, and says so less clearly
@@ -358,10 +358,11 @@ def _load_weights(header: GGUFHeader, config: Any, dtype: str, attn_implementati
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        with _dequantize_bar_follows_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(header.path.parent), **kwargs)
+        with _dequantize_bar_follows_transformers(), quiet_loading_report():
+            model, info = AutoModelForCausalLM.from_pretrained(str(header.path.parent), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, struct.error) as exc:
         raise _wrap(str(header.path), header.architecture, "weights", exc) from exc
+    check_loading_info(info, str(header.path))
     # With dequantize=True transformers drops the quantization flag itself; make sure of it,
     # because a flagged model refuses save_pretrained.
     quantizer = getattr(model, "hf_quantizer", None)
@@ -468,15 +469,13 @@ def convert_gguf(
 
     if dtype not in CONVERT_DTYPES:
         raise InputError(f"unknown dtype {dtype!r} for convert-gguf; expected one of {', '.join(CONVERT_DTYPES)}")
-    out_path = check_output(out, force)
+    out_path = check_output(out, force, "dir", models=[path])
     source = Path(path).expanduser()
-    if source.exists() and source.resolve().is_relative_to(out_path.resolve()):
-        raise InputError(f"refusing to write {str(out)!r}: it would replace the input {str(path)!r}; choose another -o")
     header, config = _read(source)
     spec_for_config(config)
     model = _load_weights(header, config, dtype, None)
     tokenizer = _load_tokenizer(header, config)
-    with atomic_dir(out_path, force) as tmp:
+    with atomic_dir(out_path, force, models=[path]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

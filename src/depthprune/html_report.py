@@ -145,8 +145,6 @@ def render(data: ReportData) -> str:
 
 def write_report(data: ReportData, path: str | os.PathLike[str]) -> Path:
     """Write the report atomically."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render(data), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    from depthprune._fs import write_text_atomic
+
+    return write_text_atomic(path, render(data))

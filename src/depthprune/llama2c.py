@@ -448,11 +448,11 @@ def convert_llama2c(
         CheckpointError: an input file is malformed, truncated, or does not match the other.
         OutputExistsError: ``out`` exists and ``force`` is false.
     """
-    check_output(out, force)  # fail before reading anything
+    check_output(out, force, "dir", models=[checkpoint, tokenizer])  # fail before reading anything
     cfg, arrays = read_llama2c_checkpoint(checkpoint)
     pieces, scores, _ = read_llama2c_tokenizer(tokenizer)
     _check_tokenizer(Path(tokenizer), pieces, cfg["vocab_size"])
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, models=[checkpoint, tokenizer]) as tmp:
         _write_model(cfg, arrays, tmp)
         _write_tokenizer(pieces, scores, cfg["seq_len"], tmp)
     logger.info("converted llama2c %s (%s) into %s", checkpoint, cfg, out)

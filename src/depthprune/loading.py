@@ -5,9 +5,11 @@ A path ending in ``.gguf`` that is not a folder goes to :mod:`depthprune.gguf_im
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
-from depthprune.devices import check_device, check_device_map
+from depthprune.devices import check_device_map
 from depthprune.errors import (
     DepthPruneError,
     InputError,
@@ -36,15 +38,18 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Weight files transformers loads from a folder, all safetensors.
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
     # depthprune exports (see depthprune.pruned_classes.WEIGHTS_VARIANT)
     "model.depthprune.safetensors",
     "model.safetensors.index.depthprune.json",
 )
+# Pickle-format weights (torch.save, PyTorch Lightning, transformers' pytorch_model*.bin
+# shards and their index): loading one can run any code that the file holds.
+_PICKLE_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,146 @@ def resolve_local(name: str) -> Path:
     return path
 
 
+def check_device(device: str) -> str:
+    """Return ``device`` if torch can place tensors there on this machine.
+
+    Raises:
+        InputError: not a torch device name (``gpu``), or a device this machine lacks
+            (``cuda`` without CUDA, ``cuda:7`` with fewer GPUs).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device; expected e.g. cpu, cuda or cuda:0") from None
+    if dev.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise InputError(f"device {device!r} is not available on this machine (torch finds no {dev.type}); use --device cpu")
+    count = getattr(backend, "device_count", None)
+    n = count() if count is not None else 1
+    if dev.index is not None and dev.index >= n:
+        raise InputError(
+            f"device {device!r} is not available on this machine: it has {n} {dev.type} device{'s' if n != 1 else ''} "
+            f"({dev.type}:0..{dev.type}:{n - 1})"
+        )
+    return device
+
+
+def check_weight_files(folder: Path, name: str) -> None:
+    """Refuse a model folder whose weights are pickles, before anything reads them.
+
+    A folder with safetensors weights loads from those alone (``use_safetensors=True``),
+    so a pickle beside them is never opened; one with only pickle weights is refused.
+
+    Raises:
+        ModelLoadError: the folder has no safetensors weights; the message names the
+            pickle files when there are some.
+    """
+    if any((folder / f).is_file() for f in _WEIGHT_FILES) or any(folder.glob("model-*.safetensors")):
+        return
+    pickles = sorted(
+        {p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern) if p.is_file() and p.name not in _NOT_WEIGHTS}
+    )
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (f" and {len(pickles) - 3} more" if len(pickles) > 3 else "")
+        raise ModelLoadError(
+            f"{name!r} holds pickle weights ({shown}), which depthprune never loads because unpickling can run code; "
+            "convert them to safetensors (model.safetensors, e.g. save_pretrained(..., safe_serialization=True) "
+            "in an environment you trust)"
+        )
+    raise ModelLoadError(f"{name!r} has a config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+
+
+def check_loading_info(info: dict[str, Any], name: str) -> None:
+    """Refuse a load whose weights do not match the model the config describes.
+
+    transformers initialises missing weights randomly and drops unexpected ones, so a
+    ``config.json`` that claims 8 layers over weights of 5 would load and run, wrongly.
+    Tied weights (``lm_head`` tied to the embedding) are not reported missing.
+
+    Args:
+        info: The ``loading_info`` of ``from_pretrained(..., output_loading_info=True)``.
+        name: The model reference, for the message.
+
+    Raises:
+        ModelLoadError: a weight is missing, unexpected or of the wrong shape.
+    """
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing from the weights (they would be initialised randomly)"),
+        ("unexpected_keys", "in the weights but not in the model"),
+        ("mismatched_keys", "of another shape than the config implies"),
+    ):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} weight{'s' if len(keys) != 1 else ''} {what}: {shown}")
+    if problems:
+        raise ModelLoadError(
+            f"the weights of {name!r} do not match its config.json ({'; '.join(problems)}); "
+            "check that config.json belongs to these weights (e.g. num_hidden_layers)"
+        )
+
+
+@contextlib.contextmanager
+def quiet_loading_report() -> Iterator[None]:
+    """Drop transformers' multi-line load report; :func:`check_loading_info` words it in one line.
+
+    ``from_pretrained`` logs the report through ``transformers.modeling_utils``' logger.
+    A filter, not the logger's level: transformers runs extra checks (and warns) when that
+    level is raised.
+    """
+    logger_ = logging.getLogger("transformers.modeling_utils")
+
+    def drop_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger_.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger_.removeFilter(drop_report)
+
+
+def from_pretrained_checked(where: str, name: str, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that refuses pickles and mismatched weights.
+
+    Every load of a causal LM goes through here. A local folder's weight files are
+    checked first (:func:`check_weight_files`); safetensors are required
+    (``use_safetensors=True``) except for a GGUF file (``gguf_file`` in ``kwargs``); and
+    the loading report must show every weight matched (:func:`check_loading_info`).
+
+    Args:
+        where: The folder (or Hub id) passed to ``from_pretrained``.
+        name: The model reference the user gave, for messages.
+        **kwargs: Passed to ``from_pretrained``.
+
+    Raises:
+        ModelLoadError: pickle weights, weights that do not match the config, or any
+            error transformers raises while loading.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(where).expanduser()
+    if "gguf_file" not in kwargs:
+        if folder.is_dir():
+            check_weight_files(folder, name)
+        kwargs["use_safetensors"] = True
+    # Shape mismatches are reported, not raised, so that check_loading_info words them.
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    try:
+        with quiet_loading_report():
+            model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+    except DepthPruneError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {first_line(exc)}") from exc
+    check_loading_info(info, name)
+    return model
+
+
 def load_config(
     model: LoadConfig | str | os.PathLike[str], trust_remote_code: bool | None = None
 ) -> tuple[Any, Path | None]:
@@ -219,8 +364,6 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
         ModelLoadError: the path or id cannot be loaded.
         UnsupportedArchitectureError: no family file matches.
     """
-    from transformers import AutoModelForCausalLM
-
     from depthprune.gguf_import import is_gguf_path, load_gguf
 
     load = as_load_config(model, **options)
@@ -234,8 +377,6 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
         return load_gguf(name, load.dtype, load.device, load.attn_implementation, load.load_tokenizer)
     config, local = load_config(load)
     spec = spec_for_config(config)
-    if local is not None and not any((local / f).is_file() for f in _WEIGHT_FILES):
-        raise ModelLoadError(f"{name!r} has a config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
     kwargs: dict[str, Any] = {"dtype": DTYPES[load.dtype], "trust_remote_code": load.trust_remote_code}
     if load.attn_implementation:
         kwargs["attn_implementation"] = load.attn_implementation
@@ -243,13 +384,7 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
         kwargs["device_map"] = load.device_map
         if load.offload_folder is not None:
             kwargs["offload_folder"] = load.offload_folder
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(local or name), config=config, **kwargs)
-    except DepthPruneError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        first = first_line(exc)
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {first}") from exc
+    hf_model = from_pretrained_checked(str(local or name), name, config=config, **kwargs)
     if load.device_map is None:
         hf_model.to(load.device)
     hf_model.eval()

@@ -19,17 +19,18 @@ import logging
 import os
 import shlex
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from depthprune._fs import write_json_atomic
+from depthprune._fs import check_target, make_dir, write_json_atomic
 from depthprune.api import PruneConfig, prune_model
 from depthprune.architectures import num_layers
 from depthprune.devices import input_device
+from depthprune.errors import InputError
 from depthprune.loading import LoadConfig, load_model
 from depthprune.recipe import Recipe, settings_hash
 
@@ -300,11 +301,11 @@ def preflight(ctx: RunContext) -> None:
     from depthprune.loading import load_config
     from depthprune.plan import PlanConfig
     from depthprune.score import ScoreConfig
-    from depthprune.sweep import SweepConfig
+    from depthprune.sweep import SweepConfig, removal_counts
 
     recipe = ctx.recipe
     config, _ = load_config(ctx.load)
-    spec_for_config(config)
+    n_layers = spec_for_config(config).num_layers(config)
     source = recipe.data.source
     if not Path(source).expanduser().exists() and not _DATASET_ID.match(source):
         raise InputError(f"data path {source!r} does not exist")
@@ -315,9 +316,10 @@ def preflight(ctx: RunContext) -> None:
     PlanConfig(metric=p.metric, units=p.units, remove=_budget(p.remove), keep_first=p.keep_first, keep_last=p.keep_last)  # type: ignore[arg-type]
     if p.metric not in recipe.score.metrics:
         raise InputError(f"plan.metric {p.metric!r} is not among score.metrics ({', '.join(recipe.score.metrics)})")
+    _check_plan_budget(p, n_layers)
     if recipe.sweep is not None:
         s = recipe.sweep
-        SweepConfig(metrics=tuple(s.metrics), units=s.units, max_remove=s.max_remove)
+        removal_counts(SweepConfig(metrics=tuple(s.metrics), units=s.units, max_remove=s.max_remove), n_layers)
         missing = [m for m in s.metrics if m not in recipe.score.metrics]
         if missing:
             raise InputError(f"sweep.metrics {missing} are not among score.metrics ({', '.join(recipe.score.metrics)})")
@@ -325,6 +327,20 @@ def preflight(ctx: RunContext) -> None:
         from depthprune.findings import check_section
 
         check_section(recipe.findings, recipe.tasks, recipe.score.metrics, recipe.score.units)
+
+
+def _check_plan_budget(p: Any, n_layers: int) -> None:
+    """A plan count that cannot fit the model, refused before the run folder exists."""
+    budget = _budget(p.remove)
+    if not isinstance(budget, int):
+        return
+    candidates = n_layers - p.keep_first - p.keep_last
+    if budget > candidates or (p.units == "block" and budget >= n_layers):
+        most = min(candidates, n_layers - 1) if p.units == "block" else candidates
+        raise InputError(
+            f"plan.remove {budget} {p.units} units cannot be met: the model has {n_layers} layers "
+            f"(keep_first={p.keep_first}, keep_last={p.keep_last}); give at most {max(most, 0)}"
+        )
 
 
 def _budget(remove: float) -> int | float:
@@ -349,15 +365,11 @@ def run_recipe(
     Returns:
         The path of ``report.html`` (or of the folder when the report is off).
     """
-    from depthprune.errors import InputError
-
-    folder = Path(out)
-    if not folder.absolute().parent.is_dir():
-        raise InputError(f"cannot write {str(folder)!r}: its parent folder does not exist")
+    folder = check_target(out, "dir", models=[recipe.model])
     ctx = RunContext.of(recipe, folder, show_progress)
     preflight(ctx)
-    folder.mkdir(exist_ok=True)
-    write_json_atomic(folder / "recipe.json", asdict(recipe))
+    make_dir(folder, models=[recipe.model])
+    write_json_atomic(folder / "recipe.json", recipe.to_dict())
     stages_path = folder / "stages.json"
     done: dict[str, str] = json.loads(stages_path.read_text()) if _valid(stages_path) else {}
     for stage in STAGES:

@@ -4,12 +4,14 @@ A plan is reviewable data. ``plan.json`` lists the units to remove (original ind
 removal order, least important first, with what replaces each one and where the choice
 came from::
 
-    {"version": "0.1.0", "model": "...", "n_layers": 32,
+    {"version": "0.1.0", "model": "...", "n_layers": 32, "config_sha256": "...",
      "remove": [{"unit": "block.25", "replace": "none", "score": 0.0123, "rank": 0}, ...],
      "provenance": {"metric": "cosine", "units": "block", "budget": 4, "keep_first": 0,
                     "keep_last": 1, "scores_sha256": "...", "calibration": {...}}}
 
-A hand-written plan needs only ``{"remove": [{"unit": "block.3"}, ...]}``.
+A hand-written plan needs only ``{"remove": [{"unit": "block.3"}, ...]}``. ``n_layers`` and
+``config_sha256`` (:func:`depthprune.identity.config_sha256` of the scored model's config)
+name the model a plan was made for; ``prune`` refuses a plan made for another model.
 
 Scores follow one convention: a higher score means a more important unit, so a plan
 removes the lowest-scoring candidates.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from typing import Any, Literal
 from depthprune import __version__
 from depthprune._fs import read_json, write_json_atomic
 from depthprune.errors import InputError, check_choice
+from depthprune.recover.emulators import REPLACE_HELP, REPLACE_RE
 from depthprune.scores_file import (
     metric_span,
     parse_unit,
@@ -38,17 +40,15 @@ from depthprune.units import UNIT_KINDS, Unit
 
 logger = logging.getLogger(__name__)
 
-REPLACE_HELP = "none, bias or lowrank:R with R a positive integer"
-_REPLACE_RE = re.compile(r"^(none|bias|lowrank:[1-9][0-9]*)$")
 
 
 def check_replace(value: Any, where: str = "replace") -> str:
-    """Return ``value`` if it names a replacement (``none``, ``bias``, ``lowrank:R``).
+    """Return ``value`` if it names a replacement (``none``, ``bias``, ``lowrank:R``, ``linear:R``).
 
     Raises:
         InputError: ``value`` is anything else.
     """
-    if not isinstance(value, str) or not _REPLACE_RE.match(value):
+    if not isinstance(value, str) or not REPLACE_RE.match(value):
         raise InputError(f"unknown {where} {value!r}; expected {REPLACE_HELP}")
     return value
 
@@ -65,7 +65,7 @@ class PlanConfig:
             one span for a span metric and is an error otherwise.
         keep_first: Never remove units of the first this many layers.
         keep_last: Never remove units of the last this many layers.
-        replace: What stands in for each removed unit: ``none``, ``bias`` or ``lowrank:R``.
+        replace: What stands in for each removed unit: ``none``, ``bias``, ``lowrank:R`` or ``linear:R``.
     """
 
     metric: str
@@ -132,7 +132,7 @@ def _metric_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- making plans
 
 
-def _budget_count(budget: int | float, n_candidates: int) -> int:
+def _budget_count(budget: float, n_candidates: int) -> int:
     if isinstance(budget, int):
         return budget
     # Round half up, not Python's round-half-to-even: 0.5 of 5 units is 3, not 2.
@@ -234,6 +234,8 @@ def make_plan(scores: dict[str, Any], config: PlanConfig) -> dict[str, Any]:
         "version": __version__,
         "model": scores["model"],
         "n_layers": n_layers,
+        # The model the scores were made for (depthprune.identity), checked by `prune --plan`.
+        "config_sha256": scores.get("config_sha256"),
         "remove": remove,
         "provenance": provenance,
     }
@@ -322,7 +324,7 @@ def plan_units(plan: dict[str, Any], n_layers: int, where: str = "plan") -> list
             raise InputError(f"{where}: remove[{i}] is {entry!r}; expected an object with a \"unit\" such as \"block.3\"")
         unit = parse_unit(entry["unit"], n_layers, where)
         replace = entry.get("replace", "none")
-        if not isinstance(replace, str) or not _REPLACE_RE.match(replace):
+        if not isinstance(replace, str) or not REPLACE_RE.match(replace):
             raise InputError(f"{where}: unknown replace {replace!r} for {unit}; expected {REPLACE_HELP}")
         if unit in seen:
             raise InputError(f"{where}: unit {unit} is listed twice (remove[{seen[unit]}] and remove[{i}]); list it once")

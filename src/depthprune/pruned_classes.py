@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from depthprune import __version__
-from depthprune.errors import InputError, ModelLoadError, check_choice, first_line
+from depthprune.errors import InputError, ModelLoadError, check_choice
 
 if TYPE_CHECKING:
     from torch import nn
@@ -99,7 +99,7 @@ def classes_for(family: str) -> tuple[type, type]:
         },
     )
 
-    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         base_model.__init__(self, config, *args, **kwargs)
         _install_from_config(self, spec)
 
@@ -150,7 +150,7 @@ def depthprune_info(config: Any) -> dict[str, Any]:
     (original layer -> new layer or ``None``), and ``units``: one entry per unit that keeps
     a slot, ``{"unit": "attn.5", "layer": 3, "replace": "lowrank:8"}``, with the original
     unit name, the layer's new index and what stands in for it (``none``, ``bias``,
-    ``lowrank:R``; a ``block`` entry is always emulated).
+    ``lowrank:R``, ``linear:R``; a ``block`` entry is always emulated).
 
     Raises:
         ModelLoadError: the config has no such dict, or it is malformed.
@@ -378,21 +378,22 @@ def load(
         ModelLoadError: the folder is missing or cannot be loaded.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from depthprune.loading import DTYPES, resolve_local
+    from depthprune.loading import (
+        DTYPES,
+        check_device,
+        from_pretrained_checked,
+        resolve_local,
+    )
 
     folder = resolve_local(str(path))
     check_choice(dtype, DTYPES, "dtype")
+    check_device(device)
     register_auto_classes()
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = first_line(exc)
-        raise ModelLoadError(f"cannot load {str(folder)!r}: {first}") from exc
+    model = from_pretrained_checked(str(folder), str(path), **kwargs)
     return model.to(torch.device(device)).eval()
 
 

@@ -6,18 +6,16 @@ follow one convention: a higher score means a more important unit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from depthprune._fs import check_output
+from depthprune._fs import atomic_file, check_output
 from depthprune.errors import InputError, check_choice
 from depthprune.scores_file import metric_span, validate_scores
 from depthprune.units import UNIT_KINDS, Unit
@@ -202,17 +200,7 @@ def plot_heatmap(scores: dict[str, Any], path: str | os.PathLike[str], metrics: 
     bar = fig.colorbar(image, ax=ax, fraction=0.05 if len(units) > 20 else 0.08, pad=0.01)
     bar.set_label("score, min-max per metric\n(1 = most important)", fontsize=8)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.absolute().parent)
-    os.close(fd)
-    try:
+    with atomic_file(target, force=True) as tmp:
         fig.savefig(tmp, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     logger.info("wrote %s", target)
     return target

@@ -2,7 +2,7 @@
 
 A scores document maps each metric to a value per unit (higher = more important)::
 
-    {"model": "...", "n_layers": 32, "calibration": {...},
+    {"model": "...", "n_layers": 32, "config_sha256": "...", "calibration": {...},
      "scores": {"cosine": {"block.0": 0.91, ...}}, "stderr": {...}, "definitions": {...}}
 
 A span metric's definition has ``"span": n``: its value at ``block.l`` scores blocks
@@ -60,6 +60,9 @@ def validate_scores(doc: Any, where: str = "scores") -> dict[str, Any]:
         table = doc.get(key, {})
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise InputError(f"{where}: {key!r} must map each metric to an object")
+    sha = doc.get("config_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise InputError(f"{where}: config_sha256 is {sha!r}; expected the 64 hex digits written by depthprune score")
     if "calibration" in doc and not isinstance(doc["calibration"], (dict, type(None))):
         raise InputError(f"{where}: 'calibration' must be an object")
     for metric, values in doc["scores"].items():
@@ -81,11 +84,16 @@ def load_scores(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def scores_digest(scores: dict[str, Any]) -> str:
-    """SHA-256 of ``scores`` as canonical JSON (sorted keys, no spaces).
+    """SHA-256 of ``scores`` as canonical JSON (sorted keys, no spaces), without timestamps.
 
     Floats survive a JSON round trip exactly, so a document and the file it was read
-    from have the same digest whatever the file's indentation.
+    from have the same digest whatever the file's indentation. A creation time
+    (``meta.created``, written by older versions) is left out: the same numbers give the
+    same digest, so a rerun gives the same plan file.
     """
+    meta = scores.get("meta")
+    if isinstance(meta, dict) and "created" in meta:
+        scores = {**scores, "meta": {k: v for k, v in meta.items() if k != "created"}}
     text = json.dumps(scores, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

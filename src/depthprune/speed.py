@@ -149,7 +149,7 @@ def measure_speed(
     n_prompt = max(1, min(config.prompt_tokens, limit - config.new_tokens))
     prompt = torch.tensor([_prompt(tokenizer, n_prompt)])  # (1, P)
     if timer is None:
-        timer = lambda model, ids, new: _time_once(model, ids.to(next(model.parameters()).device), new)  # noqa: E731
+        timer = lambda model, ids, new: _time_once(model, ids.to(input_device(model)), new)  # noqa: E731
 
     names = list(models)
     out: dict[str, dict[str, Any]] = {

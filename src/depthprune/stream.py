@@ -20,6 +20,12 @@ So a unit enters and updates the stream as follows (:meth:`LayerStreams.passage`
 ``block.i``: ``h_in`` and ``h_out - h_in``; ``attn.i``: ``h_in`` and ``u_attn``;
 ``mlp.i``: ``h_mid`` and ``u_mlp``.
 
+The stream's writers, in order, are the embeddings, then per layer the attention and the
+MLP path (in a parallel layer both write at the same point, after both have read).
+:meth:`ResidualStream.writer_before` finds the last kept writer before a removed unit:
+what its stand-in can be folded into (:mod:`depthprune.recover.fold`), and the output a
+linear emulator reads.
+
 Hooks are ``functools.partial`` objects of module-level functions, so ``copy.deepcopy``
 of a model maps a hook's callback to the copy's.
 """
@@ -27,7 +33,7 @@ of a model maps a hook's callback to the copy's.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +156,30 @@ def _record_output(rec: LayerStreams, done: Callable[[LayerStreams], None], h: t
         rec.clear()  # no hidden state outlives its layer
 
 
+@dataclass(frozen=True, order=True)
+class Writer:
+    """A module whose output is added to the residual stream.
+
+    Attributes:
+        layer: The layer index, or ``-1`` for the token embeddings.
+        kind: ``attn`` or ``mlp``; ``embeddings`` for the token embeddings.
+    """
+
+    layer: int
+    kind: str
+
+    @classmethod
+    def embeddings(cls) -> Writer:
+        return cls(-1, "embeddings")
+
+    @property
+    def is_embeddings(self) -> bool:
+        return self.layer < 0
+
+    def __str__(self) -> str:
+        return "embeddings" if self.is_embeddings else f"{self.kind}.{self.layer}"
+
+
 @dataclass(frozen=True)
 class ResidualStream:
     """Where the decoder layers of one family read and write the residual stream.
@@ -184,6 +214,49 @@ class ResidualStream:
         as added to the stream (after any post-norms)."""
         path = self.spec.path(kind)
         return path.post_norms[-1] if path.post_norms else path.module
+
+    def writer_before(
+        self, kind: str, index: int, removed: Mapping[int, Iterable[str]]
+    ) -> tuple[Writer, list[tuple[int, str]]]:
+        """The last kept writer at or before the point where unit ``kind.index`` adds its update.
+
+        A constant or a linear function of that writer's output, added there instead of
+        at the unit, reaches everything after it alike, provided nothing reads the stream
+        in between: every path passed over on the way back is removed, so only its
+        stand-in could (the caller checks those). In a parallel layer the two paths write
+        at one point after both have read, so a kept sibling is the writer itself.
+
+        Args:
+            kind: ``block``, ``attn`` or ``mlp``.
+            index: The unit's layer.
+            removed: Layer -> the path kinds removed there (``attn``, ``mlp``).
+
+        Returns:
+            ``(writer, passed)``: the writer (:meth:`Writer.embeddings` when no kept path
+            precedes), and the removed ``(layer, kind)`` paths passed over, latest first,
+            not counting the unit's own.
+        """
+        gone = {i: set(k) for i, k in removed.items()}
+        order = ("attn", "mlp")
+        if kind == "block":
+            candidates: list[tuple[int, str]] = []
+        elif self.parallel:
+            candidates = [(index, "mlp" if kind == "attn" else "attn")]
+        else:
+            candidates = [(index, "attn")] if kind == "mlp" else []
+        candidates += [(i, k) for i in range(index - 1, -1, -1) for k in reversed(order)]
+        passed = []
+        for layer, k in candidates:
+            if k not in gone.get(layer, set()):
+                return Writer(layer, k), passed
+            passed.append((layer, k))
+        return Writer.embeddings(), passed
+
+    def on_writer(self, model: nn.Module, layers: nn.Module, writer: Writer, fn: StreamFn) -> RemovableHandle:
+        """Call ``fn(y)`` with the output of ``writer`` (embeddings or a path's update)."""
+        if writer.is_embeddings:
+            return model.get_input_embeddings().register_forward_hook(functools.partial(_on_output, fn))
+        return self.on_update(layers[writer.layer], writer.kind, fn)
 
     def on_input(self, layer: nn.Module, kind: str, fn: StreamFn) -> RemovableHandle:
         """Call ``fn(h)`` with the raw stream entering path ``kind`` of ``layer``.

@@ -15,7 +15,7 @@ interrupted sweep resumes where it stopped.
      "n_units": {kind: units of that kind in the model},
      "orders": {kind: {metric: [units, least important first]}},
      "points": {kind: {metric: [{"k", "fraction", "removed", "results"}, ...]}},
-     "meta": {"version", "updated"}}
+     "meta": {"version"}}
 
 Format 1 (one kind; ``settings.units`` a string, ``orders`` and ``points`` keyed by
 metric alone) is read by :func:`load_sweep` and resumed as the same sweep in format 2.
@@ -23,7 +23,6 @@ metric alone) is read by :func:`load_sweep` and resumed as the same sweep in for
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
@@ -36,8 +35,10 @@ from typing import Any
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import write_json_atomic
+from depthprune._fs import atomic_file, make_dir, write_json_atomic
+from depthprune.architectures import num_layers
 from depthprune.errors import InputError, check_choice
+from depthprune.identity import check_made_for
 from depthprune.progress import counter
 from depthprune.units import UNIT_KINDS, Unit, mask_units
 
@@ -52,6 +53,7 @@ __all__ = [
     "parse_budget",
     "parse_kinds",
     "plot_sweep",
+    "removal_counts",
     "removal_order",
     "sweep",
     "sweep_png_name",
@@ -79,7 +81,7 @@ def parse_kinds(units: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(k for k in UNIT_KINDS if k in kinds)
 
 
-def parse_budget(value: int | float | str) -> int | float:
+def parse_budget(value: float | str) -> int | float:
     """A removal budget: a whole number >= 1 is a count of units of each kind; a number
     in (0, 1) is a fraction of each kind's units.
 
@@ -168,7 +170,7 @@ class SweepResult:
             "n_units": self.n_units,
             "orders": self.orders,
             "points": self.points,
-            "meta": {"version": __version__, "updated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
+            "meta": {"version": __version__},
         }
 
     @classmethod
@@ -256,14 +258,23 @@ def _load_previous(path: Path, settings: dict[str, Any], model: str) -> dict[str
     return doc.get("points", {})
 
 
-def _removal_counts(config: SweepConfig, n_layers: int) -> dict[str, int]:
-    """K per kind, checked against the model."""
+def removal_counts(config: SweepConfig, n_layers: int) -> dict[str, int]:
+    """K per kind, checked against a model of ``n_layers`` layers (``run`` checks it first).
+
+    Raises:
+        InputError: K is 0, more than the kind's units, or every block.
+    """
     counts = {}
     for kind in config.units:
         k = config.n_remove(n_layers)
         if k < 1:
             raise InputError(
                 f"max_remove {config.max_remove} of {n_layers} {kind} units removes none; give a larger fraction or a count"
+            )
+        if k > n_layers:
+            most = n_layers - 1 if kind == "block" else n_layers
+            raise InputError(
+                f"max_remove {config.max_remove} is more than the model's {n_layers} {kind} units; give at most {most}"
             )
         if kind == "block" and k >= n_layers:
             raise InputError(f"--max-remove {config.max_remove} would remove every block of {n_layers}")
@@ -298,7 +309,8 @@ def sweep(
     n_layers = int(scores.get("n_layers", 0)) or None
     if n_layers is None:
         raise InputError("scores file has no n_layers; write it with `depthprune score`")
-    counts = _removal_counts(config, n_layers)
+    check_made_for(scores, model.config, num_layers(model.config), "the scores file", model_name or "this model", "score this model first")
+    counts = removal_counts(config, n_layers)
     orders: dict[str, dict[str, list[str]]] = {}
     for kind in config.units:
         orders[kind] = {m: removal_order(scores, m, kind, n_layers)[: counts[kind]] for m in config.metrics}
@@ -308,9 +320,7 @@ def sweep(
     settings = config.settings()
     path = None
     if out_dir is not None:
-        if not Path(out_dir).absolute().parent.is_dir():
-            raise InputError(f"cannot write {str(out_dir)!r}: its parent folder does not exist")
-        Path(out_dir).mkdir(exist_ok=True)
+        make_dir(out_dir)
         path = Path(out_dir) / SWEEP_FILE
     previous = _load_previous(path, settings, model_name) if (path is not None and resume) else {}
     result = SweepResult(model=model_name, settings=settings, orders=orders, n_units={k: n_layers for k in config.units})
@@ -404,8 +414,7 @@ def plot_sweep(result: SweepResult, out_dir: str | os.PathLike[str], tasks: Sequ
         ax.legend(fontsize=7 if len(lines) > 4 else None, ncol=2 if len(lines) > 6 else 1)
         fig.tight_layout()
         path = out / sweep_png_name(task, names)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_file(path, force=True) as tmp:
+            fig.savefig(tmp, dpi=120)
         written.append(path)
     return written

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from depthprune._fs import atomic_dir
+from depthprune._fs import atomic_dir, check_output, os_errors
 from depthprune.errors import InputError
 from depthprune.progress import counter
 
@@ -206,6 +206,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "depthprune"
 
 
+def testbed_dir(config: TestbedConfig) -> Path:
+    """The cache folder of the testbed model of ``config``."""
+    return default_cache_dir() / "testbed" / config.digest()
+
+
 def build_testbed(
     config: TestbedConfig | None = None,
     out: str | os.PathLike[str] | None = None,
@@ -222,12 +227,15 @@ def build_testbed(
         show_progress: Show the training progress bar on a terminal.
     """
     config = config or TestbedConfig()
-    target = Path(out) if out is not None else default_cache_dir() / "testbed" / config.digest()
+    target = Path(out) if out is not None else testbed_dir(config)
     if out is None and (target / "testbed.json").is_file() and not force:
         logger.info("using cached testbed %s", target)
         return target
     if out is None:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        with os_errors(target.parent):
+            target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        check_output(target, force, "dir")  # before training
     model, tokenizer, summary = train_testbed(config, show_progress)
     with atomic_dir(target, force=force or out is None) as tmp:
         model.save_pretrained(tmp)

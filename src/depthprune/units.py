@@ -77,13 +77,35 @@ class Unit:
         return cls(kind, index)  # type: ignore[arg-type]
 
 
-def parse_units(spec: str | Iterable[str | Unit], n_layers: int | None = None) -> list[Unit]:
-    """Parse a comma-separated string or an iterable of names into sorted, unique units."""
+def parse_unit_list(spec: str | Iterable[str | Unit], n_layers: int | None = None) -> list[Unit]:
+    """Parse a comma-separated string or an iterable of names into units, in the order given.
+
+    Every list of units a person writes (``--remove``, ``--mask``, a recipe) is parsed here.
+
+    Raises:
+        InputError: no units, a malformed or out-of-range name, or a unit given twice.
+    """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    units = {u if isinstance(u, Unit) else Unit.parse(u, n_layers) for u in items if str(u).strip()}
+    units: list[Unit] = []
+    for item in items:
+        if not str(item).strip():
+            continue
+        unit = item if isinstance(item, Unit) else Unit.parse(item, n_layers)
+        if unit in units:
+            raise InputError(f"unit {unit} is given twice; list each unit once")
+        units.append(unit)
     if not units:
         raise InputError("no units given; expected names such as block.3,attn.5")
-    return sorted(units)
+    return units
+
+
+def parse_units(spec: str | Iterable[str | Unit], n_layers: int | None = None) -> list[Unit]:
+    """Parse a comma-separated string or an iterable of names into sorted units.
+
+    Raises:
+        InputError: see :func:`parse_unit_list`.
+    """
+    return sorted(parse_unit_list(spec, n_layers))
 
 
 def all_units(n_layers: int, kinds: Iterable[str] = UNIT_KINDS) -> list[Unit]:
@@ -138,7 +160,7 @@ class ModelLayout:
 # --------------------------------------------------------------------------- stand-ins
 
 
-class _StreamBox:
+class StreamBox:
     """Holds the raw stream of the current forward pass between a hook and a slot.
 
     A plain object (not a module or a tensor attribute) so that ``copy.deepcopy`` of the
@@ -188,7 +210,7 @@ class _Slot(nn.Module):
     def __init__(self, emulator: nn.Module | None = None) -> None:
         super().__init__()
         self.emulator = emulator
-        self._box = _StreamBox()
+        self._box = StreamBox()
 
     def _update(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.emulator is None:

@@ -48,6 +48,54 @@ class PathSpec:
 
 
 @dataclass(frozen=True)
+class BiasFlag:
+    """A config flag that gives a path's output projection a bias.
+
+    Attributes:
+        flag: The config key (Llama's ``attention_bias``, ``mlp_bias``).
+        adds: Every projection of the path (relative to the path module) that the flag
+            gives a bias, in every layer; all but the folded ones must then be zero.
+    """
+
+    flag: str
+    adds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FoldProj:
+    """The output projection of a path, where emulators of later removed units fold.
+
+    Attributes:
+        proj: The projection, relative to the path module (``o_proj``, ``down_proj``); its
+            output is the path's update to the stream.
+        bias: ``"always"`` when it always has a bias, a :class:`BiasFlag` when a config
+            flag gives it one, ``None`` when it cannot have one (a bias cannot fold there).
+    """
+
+    proj: str
+    bias: str | BiasFlag | None = None
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """Where a family's stand-ins can fold into stock weights (see :mod:`depthprune.recover.fold`).
+
+    Attributes:
+        embeddings: Whether the token embeddings' output is added to the stream as is (no
+            scale), so that a stand-in before every kept path may fold into them.
+        attn: The attention path's output projection, or ``None``.
+        mlp: The MLP path's output projection, or ``None``.
+    """
+
+    embeddings: bool = False
+    attn: FoldProj | None = None
+    mlp: FoldProj | None = None
+
+    def proj(self, kind: str) -> FoldProj | None:
+        return self.attn if kind == "attn" else self.mlp if kind == "mlp" else None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What depthprune needs to know about one model family.
 
@@ -69,6 +117,7 @@ class ArchSpec:
             the remaining layers.
         nemotron_nas: Whether a sublayer-pruned model of this family can be written as a
             DeciLM / "nemotron-nas" config (a Llama layer with per-layer no-op sections).
+        fold: Where stand-ins fold into stock weights; ``None`` when nowhere.
         source: The file the spec was read from.
     """
 
@@ -84,6 +133,7 @@ class ArchSpec:
     parallel_residual: bool | tuple[str, bool] = False
     unsupported_config: dict[str, Any] = field(default_factory=dict)
     nemotron_nas: bool = False
+    fold: FoldSpec | None = None
     source: str = ""
 
     def num_layers(self, config: Any) -> int:
@@ -112,7 +162,7 @@ class ArchSpec:
 
 
 _REQUIRED = ("family", "architectures", "model_types", "layers", "attn", "mlp", "config")
-_KNOWN = (*_REQUIRED, "parallel_residual", "unsupported_config", "nemotron_nas", "notes")
+_KNOWN = (*_REQUIRED, "parallel_residual", "unsupported_config", "nemotron_nas", "fold", "notes")
 _CONFIG_KEYS = ("num_layers", "max_positions", "per_layer")
 
 
@@ -129,6 +179,40 @@ def _parse_path(data: dict[str, Any], where: str) -> PathSpec:
         post_norms=tuple(data.get("post_norms", ())),
         cache_arg=data.get("cache_arg"),
     )
+
+
+def _parse_fold_proj(data: Any, where: str) -> FoldProj | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - {"proj", "bias"} or not isinstance(data.get("proj"), str):
+        raise UnsupportedArchitectureError(f"{where}: expected {{'proj': NAME, 'bias': ...}} or null; got {data!r}")
+    bias = data.get("bias")
+    if isinstance(bias, dict):
+        if set(bias) != {"flag", "adds"} or not isinstance(bias["flag"], str) or not isinstance(bias["adds"], list):
+            raise UnsupportedArchitectureError(f"{where}: bias must be {{'flag': KEY, 'adds': [NAMES]}}; got {bias!r}")
+        bias = BiasFlag(bias["flag"], tuple(bias["adds"]))
+    elif bias not in (None, "always"):
+        raise UnsupportedArchitectureError(f"{where}: bias is {bias!r}; expected 'always', {{'flag', 'adds'}} or null")
+    return FoldProj(data["proj"], bias)
+
+
+def _parse_fold(data: Any, attn: PathSpec, mlp: PathSpec, source: str) -> FoldSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - {"embeddings", "attn", "mlp"}:
+        raise UnsupportedArchitectureError(f"architecture file {source}: fold may have keys embeddings, attn, mlp; got {data!r}")
+    spec = FoldSpec(
+        embeddings=bool(data.get("embeddings", False)),
+        attn=_parse_fold_proj(data.get("attn"), f"architecture file {source}: fold.attn"),
+        mlp=_parse_fold_proj(data.get("mlp"), f"architecture file {source}: fold.mlp"),
+    )
+    for kind, path in (("attn", attn), ("mlp", mlp)):
+        if spec.proj(kind) is not None and path.post_norms:
+            raise UnsupportedArchitectureError(
+                f"architecture file {source}: fold.{kind} names a projection, but the path's update is its "
+                f"post-norm's output, which nothing folds into; set fold.{kind} to null"
+            )
+    return spec
 
 
 def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ArchSpec:
@@ -157,19 +241,21 @@ def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ArchSpec:
     attn = _parse_path(data["attn"], f"{source}: attn")
     if attn.cache_arg is None:
         raise UnsupportedArchitectureError(f"architecture file {source}: attn.cache_arg is required")
+    mlp = _parse_path(data["mlp"], f"{source}: mlp")
     return ArchSpec(
         family=data["family"],
         architectures=tuple(data["architectures"]),
         model_types=tuple(data["model_types"]),
         layers=data["layers"],
         attn=attn,
-        mlp=_parse_path(data["mlp"], f"{source}: mlp"),
+        mlp=mlp,
         num_layers_key=cfg["num_layers"],
         max_positions_key=cfg.get("max_positions"),
         per_layer_keys=tuple(cfg.get("per_layer", ())),
         parallel_residual=parallel,
         unsupported_config=dict(data.get("unsupported_config", {})),
         nemotron_nas=nemotron_nas,
+        fold=_parse_fold(data.get("fold"), attn, mlp, source),
         source=source,
     )
 

@@ -31,21 +31,21 @@ def demo_recipe(model_dir: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     import yaml
 
+    from depthprune._fs import check_target, make_dir, write_text_atomic
     from depthprune.commands.run import execute
     from depthprune.recipe import recipe_from_dict
-    from depthprune.testbed import build_testbed
+    from depthprune.testbed import TestbedConfig, build_testbed, testbed_dir
 
+    # Before minutes of training: the run folder can be made, and is not the model's.
+    check_target(args.output, "dir", models=[testbed_dir(TestbedConfig())])
     if not args.quiet:
         print("[testbed] training or reusing the cached model", flush=True)
     model_dir = build_testbed(show_progress=not args.quiet)
     data = demo_recipe(str(model_dir))
     recipe = recipe_from_dict(data)
-    out = Path(args.output)
-    out.mkdir(exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    out = make_dir(args.output, models=[model_dir])
+    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(data, sort_keys=False))
 
     execute(recipe, str(out), args.quiet)

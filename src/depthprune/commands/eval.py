@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> None:
         defaults["batch_size"] = args.batch_size
     specs = [parse_task(t, defaults) for t in args.task]  # fail on a typo before loading anything
     if args.json:
-        check_output(args.json, args.force)
+        targets = [t.partition(":")[2].split(",")[0] for t in args.task]  # data files; a task name is no path
+        check_output(args.json, args.force, "file", models=[args.model], inputs=targets)
     loaded = load_model(load)
     if loaded.tokenizer is None:
         raise InputError(f"{args.model!r} has no tokenizer; every evaluation task needs one")

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replace",
         default="none",
-        metavar="none|bias|lowrank:R",
-        help="what replaces each removed unit: none, bias or lowrank:R (default: none)",
+        metavar="none|bias|lowrank:R|linear:R",
+        help="what replaces each removed unit: none, bias, lowrank:R or linear:R|linear:full (default: none)",
     )
     p.add_argument("-o", "--output", help="the plan file to write (required unless --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing plan file")
@@ -42,10 +42,11 @@ def _run_plan(args: argparse.Namespace) -> None:
     )
     from depthprune.scores_file import load_scores
 
+    if not args.dry_run and not args.output:
+        raise InputError("no output given; pass -o plan.json, or --dry-run to only print the plan")
+    scores = load_scores(args.scores)
     if not args.dry_run:
-        if not args.output:
-            raise InputError("no output given; pass -o plan.json, or --dry-run to only print the plan")
-        check_output(args.output, args.force)
+        check_output(args.output, args.force, "file", models=[scores.get("model")], inputs=[args.scores])
     config = PlanConfig(
         metric=args.metric,
         units=args.units,
@@ -54,7 +55,7 @@ def _run_plan(args: argparse.Namespace) -> None:
         keep_last=args.keep_last,
         replace=args.replace,
     )
-    plan = make_plan(load_scores(args.scores), config)
+    plan = make_plan(scores, config)
     if args.dry_run:
         print(format_plan(plan))
         return

@@ -10,6 +10,7 @@ from depthprune.commands import add_model_args, add_output_args, load_config_fro
 def register(sub: argparse._SubParsersAction) -> None:
     from depthprune.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
     from depthprune.recover.emulate import DEFAULT_RIDGE
+    from depthprune.recover.select import DEFAULT_HELDOUT
 
     p = sub.add_parser(
         "prune",
@@ -23,8 +24,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", help="a plan.json from `depthprune plan` (or written by hand); instead of --remove")
     p.add_argument(
         "--recover",
-        metavar="none|bias|lowrank:R",
-        help="replace every removed unit by this emulation, fitted in closed form on --data (overrides the plan)",
+        metavar="none|bias|lowrank:R|linear:R|linear:full",
+        help="replace every removed unit by this emulation, fitted in closed form on --data (overrides the plan); "
+        "bias and linear:R fold into the kept weights where exact",
+    )
+    p.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="keep every emulator a module (a depthprune_<family> export) instead of folding it into the weights",
+    )
+    p.add_argument(
+        "--heldout",
+        type=float,
+        default=DEFAULT_HELDOUT,
+        metavar="F",
+        help="fraction of the calibration sequences (the last ones) held out to check each emulator against plain "
+        f"removal; 0 keeps every emulator unchecked (default: {DEFAULT_HELDOUT})",
     )
     p.add_argument("--data", help="calibration text for fitting emulators (as for `depthprune score --data`)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl records and datasets")
@@ -60,6 +76,8 @@ def _run_prune(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         ridge=args.ridge,
         batch_size=args.batch_size,
+        fold=args.fold,
+        heldout=args.heldout,
         export_format=args.format,
         force=args.force,
         dry_run=args.dry_run,

@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> None:
     from depthprune.architectures import spec_for_config
     from depthprune.data import context_length, load_calibration
     from depthprune.errors import InputError
+    from depthprune.identity import check_made_for
     from depthprune.loading import load_config, load_model
     from depthprune.plan import plan_units, read_plan
     from depthprune.recover.compare import (
@@ -59,13 +60,14 @@ def _run(args: argparse.Namespace) -> None:
         write_comparison,
     )
     from depthprune.recover.emulate import DEFAULT_RIDGE
-    from depthprune.units import parse_units
+    from depthprune.units import parse_unit_list
 
     if bool(args.plan) == bool(args.remove):
         raise InputError("give the ranking with exactly one of --plan plan.json and --remove u1,u2,...")
     plot = args.plot or str(Path(args.output).with_suffix(".png"))
-    check_output(args.output, args.force)
-    check_output(plot, args.force)
+    sources = {"models": [args.model], "inputs": [args.plan, args.data]}
+    check_output(args.output, args.force, "file", **sources)
+    check_output(plot, args.force, "file", **sources)
     config = CompareConfig(
         methods=_csv(args.methods),
         learned=_csv(args.learned),
@@ -82,10 +84,11 @@ def _run(args: argparse.Namespace) -> None:
     spec = spec_for_config(model_config)
     n_layers = getattr(model_config, spec.num_layers_key)
     if args.plan:
-        units = [u for u, _ in plan_units(read_plan(args.plan), n_layers, where=f"plan file {args.plan!r}")]
+        plan = read_plan(args.plan)
+        check_made_for(plan, model_config, n_layers, f"plan file {args.plan!r}", args.model, "make the plan from this model's scores")
+        units = [u for u, _ in plan_units(plan, n_layers, where=f"plan file {args.plan!r}")]
     else:
-        # parse_units sorts; the ranking keeps the order given.
-        units = [parse_units([name], n_layers)[0] for name in _csv(args.remove)]
+        units = parse_unit_list(args.remove, n_layers)  # the ranking keeps the order given
     loaded = load_model(load_config_from(args))
     data = load_calibration(
         args.data,

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="override recipe.model")
     p.add_argument("--data", help="override recipe.data.source")
     p.add_argument("--task", action="append", help="evaluation task spec (repeatable); overrides recipe.tasks")
-    p.add_argument("--recover", help="override recipe.recover: none, bias or lowrank:R")
+    p.add_argument("--recover", help="override recipe.recover: none, bias, lowrank:R or linear:R|linear:full")
     p.add_argument("--metric", help="override recipe.plan.metric")
     p.add_argument("--units", help="override recipe.plan.units")
     p.add_argument("--remove", type=float, help="override recipe.plan.remove (a count, or a fraction < 1)")
@@ -55,7 +55,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import dataclasses
     import json
 
     from depthprune.errors import InputError
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("give a recipe file, or at least --model and --data")
     recipe = recipe_from_dict(_merge(base, _overrides(args)))
     if args.dry_run:
-        print(json.dumps(dataclasses.asdict(recipe), indent=2))
+        print(json.dumps(recipe.to_dict(), indent=2))
         return
 
     execute(recipe, args.output, args.quiet)

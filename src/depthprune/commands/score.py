@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from depthprune._fs import check_output
+    from depthprune._fs import check_output, check_target
     from depthprune.data import context_length, load_calibration
     from depthprune.distributed import is_writer
     from depthprune.loading import load_model
@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         resume=args.resume,
     )
-    check_output(args.output, args.force)
+    sources = {"models": [args.model], "inputs": [args.data]}
+    check_output(args.output, args.force, "file", **sources)
     if args.plot:
-        check_output(args.plot, args.force)
+        check_output(args.plot, args.force, "file", **sources)
+    if args.checkpoint:
+        check_target(args.checkpoint, "file", **sources)
     loaded = load_model(load_config_from(args))
     data = load_calibration(
         args.data,

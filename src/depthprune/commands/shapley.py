@@ -100,6 +100,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return loaded, make_value(value_config, data, loaded.tokenizer, context), data
 
 
+def _check_outputs(args: argparse.Namespace, checkpoint: str) -> None:
+    """The output and its checkpoint: not in the model's folder, not over the inputs."""
+    from depthprune._fs import check_output, check_target
+
+    sources = {"models": [args.model], "inputs": [args.data, args.mmlu]}
+    check_output(args.output, args.force, "file", **sources)
+    check_target(checkpoint, "file", **sources)
+
+
 def _shapley_config(args: argparse.Namespace) -> Any:
     from depthprune.score.shapley import ShapleyConfig
 
@@ -117,7 +126,7 @@ def _shapley_config(args: argparse.Namespace) -> Any:
 
 
 def run_shapley(args: argparse.Namespace) -> None:
-    from depthprune._fs import check_output
+    from depthprune.identity import config_sha256
     from depthprune.score import (
         ScoreResult,
         get_metric,
@@ -131,8 +140,8 @@ def run_shapley(args: argparse.Namespace) -> None:
     config = _shapley_config(args)
     kinds = _kinds(args.units)
     unit_games(1, kinds)  # validates the kinds before loading anything
-    check_output(args.output, args.force)
     checkpoint = args.checkpoint or f"{args.output}.ckpt"
+    _check_outputs(args, checkpoint)
     loaded, value, _ = _load(args)
     layout = ModelLayout(loaded.model, loaded.spec)
     games = unit_games(layout.n_layers, kinds)
@@ -153,6 +162,7 @@ def run_shapley(args: argparse.Namespace) -> None:
         definitions={"shapley": shapley_definition(get_metric("shapley"), results)},
         seed=args.seed,
         cost={f"shapley_{name}_layer_evals": r.layer_evals for name, r in results.items()},
+        config_sha256=config_sha256(loaded.model.config),
     )
     write_scores(result, args.output, force=args.force)
     for name, r in results.items():
@@ -164,7 +174,6 @@ def run_shapley(args: argparse.Namespace) -> None:
 
 
 def run_iterative(args: argparse.Namespace) -> None:
-    from depthprune._fs import check_output
     from depthprune.plan import parse_budget
     from depthprune.score.iterative import IterativeConfig, iterative_prune, write_plan
     from depthprune.units import ModelLayout, all_units
@@ -178,7 +187,7 @@ def run_iterative(args: argparse.Namespace) -> None:
     )
     kinds = _kinds(args.units)
     all_units(1, kinds)
-    check_output(args.output, args.force)
+    _check_outputs(args, args.checkpoint or f"{args.output}.ckpt")
     loaded, value, _ = _load(args)
     layout = ModelLayout(loaded.model, loaded.spec)
     result = iterative_prune(

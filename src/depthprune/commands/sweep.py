@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
 
     from torch import nn
 
+    from depthprune._fs import check_target, os_errors
     from depthprune.commands import load_config_from
     from depthprune.distributed import is_writer
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> None:
         tasks=tuple(tasks),
         show_progress=not args.quiet,
     )
+    check_target(args.output, "dir", models=[args.model])
     scores = load_scores(args.scores)
     loaded = load_model(load_config_from(args))
 
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> None:
         return {k: {"score": task_score(v), "higher_is_better": v.get("higher_is_better")} for k, v in res.items()}
 
     if args.force and (Path(args.output) / "sweep.json").exists():
-        (Path(args.output) / "sweep.json").unlink()
+        with os_errors(args.output):
+            (Path(args.output) / "sweep.json").unlink()
     result = sweep(loaded.model, scores, config, evaluator, out_dir=args.output, model_name=args.model)
     pngs = plot_sweep(result, args.output, tasks) if is_writer() else []
     for kind, metric in result.lines():

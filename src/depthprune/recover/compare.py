@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune import __version__
-from depthprune._fs import check_output, write_json_atomic
+from depthprune._fs import atomic_file, check_output, write_json_atomic
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
 from depthprune.devices import input_device
@@ -45,7 +45,7 @@ from depthprune.recover.emulate import (
     collect_updates,
     emulate,
     emulator_from_stats,
-    parse_replace,
+    parse_stand_in,
 )
 from depthprune.recover.learn import LearnConfig, lora_recovery, train_emulators
 from depthprune.units import ModelLayout, Unit
@@ -100,7 +100,7 @@ class CompareConfig:
         if not self.methods and not self.learned:
             raise InputError("nothing to compare; give at least one of methods (none,bias,lowrank:R) and learned")
         for m in self.methods:
-            parse_replace(m)
+            parse_stand_in(m)
         for m in self.learned:
             parse_learned(m)
         if self.counts is not None:
@@ -190,19 +190,20 @@ def split_heldout(data: TokenBatches, n_eval: int, seed: int = 0) -> tuple[Token
         raise InputError(f"cannot hold out {n_eval} of {n} sequences; need 1 <= n_eval < {n}: give more data or a smaller --n-eval")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     eval_idx, fit_idx = perm[:n_eval].sort().values, perm[n_eval:].sort().values
+    return subset(data, fit_idx, "fit"), subset(data, eval_idx, "eval")
 
-    def subset(idx: torch.Tensor, part: str) -> TokenBatches:
-        ids = data.input_ids[idx].contiguous()
-        info = dataclasses.replace(
-            data.info,
-            source=f"{data.info.source}#{part}",
-            n_sequences=int(ids.shape[0]),
-            n_tokens=int(ids.numel()),
-            sha256=hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(),
-        )
-        return TokenBatches(input_ids=ids, attention_mask=data.attention_mask[idx].contiguous(), info=info)
 
-    return subset(fit_idx, "fit"), subset(eval_idx, "eval")
+def subset(data: TokenBatches, idx: torch.Tensor, part: str) -> TokenBatches:
+    """The sequences ``idx`` of ``data``, with provenance that names the ``part``."""
+    ids = data.input_ids[idx].contiguous()
+    info = dataclasses.replace(
+        data.info,
+        source=f"{data.info.source}#{part}",
+        n_sequences=int(ids.shape[0]),
+        n_tokens=int(ids.numel()),
+        sha256=hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(),
+    )
+    return TokenBatches(input_ids=ids, attention_mask=data.attention_mask[idx].contiguous(), info=info)
 
 
 @torch.no_grad()
@@ -268,7 +269,7 @@ def compare_recovery(
         eval=eval_data.info.to_dict(),
         config=dataclasses.asdict(config),
     )
-    fitted = [m for m in config.methods if parse_replace(m)[0] != "none"]
+    fitted = [m for m in config.methods if parse_stand_in(m)[0] != "none"]
     need = {u: any(m.startswith("lowrank") for m in fitted) for u in units[: counts[-1]]}
     start = time.perf_counter()
     stats = {}
@@ -384,13 +385,11 @@ def plot_comparison(result: CompareResult, path: str | os.PathLike[str]) -> Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
+        with atomic_file(target, force=True) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -30,7 +30,6 @@ import contextlib
 import functools
 import logging
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,121 +43,50 @@ from depthprune.devices import HOST, input_device
 from depthprune.distributed import all_reduce_sum, world
 from depthprune.errors import InputError
 from depthprune.progress import progress
+from depthprune.recover.emulators import (
+    REPLACE_HELP,
+    REPLACE_RE,
+    BiasEmulator,
+    LinearEmulator,
+    LowRankEmulator,
+    describe,
+    empty_emulator,
+    parse_replace,
+    parse_stand_in,
+)
 from depthprune.recover.install import Installed, install_
-from depthprune.stream import LayerStreams
-from depthprune.units import ModelLayout, Unit
+from depthprune.stream import LayerStreams, Writer
+from depthprune.units import ModelLayout, Unit, removed_paths
 
 logger = logging.getLogger(__name__)
 
+# Re-exported: the modules live in depthprune.recover.emulators.
+__all__ = [
+    "DEFAULT_RIDGE",
+    "REPLACE_HELP",
+    "REPLACE_RE",
+    "BiasEmulator",
+    "EmulationConfig",
+    "LinearEmulator",
+    "LowRankEmulator",
+    "RecoverResult",
+    "UpdateCollector",
+    "UpdateStats",
+    "collect_updates",
+    "describe",
+    "empty_emulator",
+    "emulate",
+    "emulator_from_stats",
+    "fit_emulators",
+    "linear_writers",
+    "parse_replace",
+    "parse_stand_in",
+    "recover_",
+    "solve_linear",
+    "solve_lowrank",
+]
+
 DEFAULT_RIDGE = 1e-3
-_REPLACE_RE = re.compile(r"^(none|bias|lowrank:([1-9][0-9]*))$")
-
-
-# --------------------------------------------------------------------------- modules
-
-
-class BiasEmulator(nn.Module):
-    """Emulates an update by a constant: ``dh = b``.
-
-    Args:
-        bias: ``(D,)``.
-    """
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-
-    @classmethod
-    def empty(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> BiasEmulator:
-        """A zero emulator of width ``dim`` (to be trained, or filled from a checkpoint)."""
-        return cls(torch.zeros(dim, dtype=dtype, device=device))
-
-    @property
-    def rank(self) -> int:
-        return 0
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(h) + self.bias.to(h.dtype)  # (B, T, D)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.bias.shape[0]}"
-
-
-class LowRankEmulator(nn.Module):
-    """Emulates an update by a rank-``r`` affine map: ``dh = b + (h - mu) A B``.
-
-    Args:
-        mu: ``(D,)`` input centre.
-        A: ``(D, r)``.
-        B: ``(r, D)``.
-        b: ``(D,)`` bias.
-    """
-
-    def __init__(self, mu: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> None:  # noqa: N803
-        super().__init__()
-        d, r = A.shape
-        if mu.shape != (d,) or B.shape != (r, d) or b.shape != (d,):
-            raise InputError(
-                f"low-rank emulator shapes disagree: mu {tuple(mu.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
-                f"b {tuple(b.shape)}; expected (D,), (D, r), (r, D), (D,)"
-            )
-        self.mu = nn.Parameter(mu.detach().clone())
-        self.A = nn.Parameter(A.detach().clone())
-        self.B = nn.Parameter(B.detach().clone())
-        self.bias = nn.Parameter(b.detach().clone())
-
-    @classmethod
-    def empty(cls, dim: int, rank: int, dtype: torch.dtype | None = None, device: Any = None) -> LowRankEmulator:
-        """A zero emulator (to be trained, or filled from a checkpoint)."""
-        def z(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        return cls(z(dim), z(dim, rank), z(rank, dim), z(dim))
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[1])
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.A.dtype) - self.mu  # (B, T, D)
-        return (x @ self.A) @ self.B + self.bias  # (B, T, r) -> (B, T, D)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.A.shape[0]}, rank={self.rank}"
-
-
-def parse_replace(value: str) -> tuple[str, int]:
-    """``"none"`` -> ``("none", 0)``, ``"bias"`` -> ``("bias", 0)``, ``"lowrank:8"`` -> ``("lowrank", 8)``.
-
-    Raises:
-        InputError: anything else.
-    """
-    match = _REPLACE_RE.match(value.strip()) if isinstance(value, str) else None
-    if not match:
-        raise InputError(f"unknown replacement {value!r}; expected none, bias or lowrank:R with R a positive integer")
-    kind = match.group(1).split(":")[0]
-    return kind, int(match.group(2) or 0)
-
-
-def empty_emulator(replace: str, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module | None:
-    """An untrained emulator for a ``replace`` value (``None`` for ``none``)."""
-    kind, rank = parse_replace(replace)
-    if kind == "none":
-        return None
-    if kind == "bias":
-        return BiasEmulator.empty(dim, dtype, device)
-    return LowRankEmulator.empty(dim, rank, dtype, device)
-
-
-def describe(emulator: nn.Module | None) -> str:
-    """The ``replace`` value that an emulator module implements."""
-    if emulator is None:
-        return "none"
-    if isinstance(emulator, BiasEmulator):
-        return "bias"
-    if isinstance(emulator, LowRankEmulator):
-        return f"lowrank:{emulator.rank}"
-    raise InputError(f"{type(emulator).__name__} is not a depthprune emulator; expected BiasEmulator or LowRankEmulator")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -300,25 +228,53 @@ def solve_lowrank(
     Returns:
         ``(mu, A, B, b)`` in float64, shapes ``(D,), (D, r), (r, D), (D,)``.
     """
+    mu, b, cov_hh, cov_hd = stats.moments()
+    A, B = _reduced_rank(cov_hh, cov_hd, rank, ridge)  # noqa: N806
+    return mu, A, B, b
+
+
+def solve_linear(stats: UpdateStats, rank: int, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced-rank ridge regression of ``dh`` on ``y`` through the origin: ``dh ~ y A B``.
+
+    The statistics' input is the writer output ``y`` (see :class:`LinearEmulator`). No
+    intercept and no centring, so that ``y (I + A B)`` is a linear map that folds into the
+    writer's projection: the same fit as :func:`solve_lowrank` on the raw second moments
+    ``E[y y^T]`` and ``E[y dh^T]``.
+
+    Args:
+        stats: Moments of the writer's outputs and the unit's updates.
+        rank: ``r``; ``0`` or more than ``D`` means ``D`` (full rank).
+        ridge: Relative ridge: ``lam = ridge * trace(E[y y^T]) / D``.
+
+    Returns:
+        ``(A, B)`` in float64, shapes ``(D, r)`` and ``(r, D)``.
+    """
+    mu, b, cov_hh, cov_hd = stats.moments()
+    raw_hh = cov_hh + torch.outer(mu, mu)
+    raw_hd = cov_hd + torch.outer(mu, b)
+    return _reduced_rank(raw_hh, raw_hd, rank or raw_hh.shape[0], ridge)
+
+
+def _reduced_rank(s_hh: torch.Tensor, s_hd: torch.Tensor, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` minimising ``tr((M^T s_hh M) - 2 M^T s_hd) + lam ||M||^2`` over ``M = A B`` of rank ``<= rank``."""
     if rank < 1:
         raise InputError(f"rank must be at least 1, got {rank}")
     if ridge < 0 or not math.isfinite(ridge):
         raise InputError(f"ridge must be a finite number >= 0, got {ridge}")
-    mu, b, cov_hh, cov_hd = stats.moments()
-    d = cov_hh.shape[0]
+    d = s_hh.shape[0]
     if rank > d:
         logger.warning("rank %d is more than the width %d; using %d", rank, d, d)
         rank = d
-    lam = ridge * float(torch.trace(cov_hh)) / d
-    reg = cov_hh + lam * torch.eye(d, dtype=cov_hh.dtype, device=cov_hh.device)
-    W = _solve_psd(reg, cov_hd)  # (D, D)  # noqa: N806
+    lam = ridge * float(torch.trace(s_hh)) / d
+    reg = s_hh + lam * torch.eye(d, dtype=s_hh.dtype, device=s_hh.device)
+    W = _solve_psd(reg, s_hd)  # (D, D)  # noqa: N806
     if rank == d:
-        return mu, W, torch.eye(d, dtype=W.dtype, device=W.device), b
-    fitted = cov_hd.T @ W  # = W^T (cov_hh + lam I) W, the fitted values' (augmented) Gram matrix
+        return W, torch.eye(d, dtype=W.dtype, device=W.device)
+    fitted = s_hd.T @ W  # = W^T (s_hh + lam I) W, the fitted values' (augmented) Gram matrix
     fitted = (fitted + fitted.T) / 2
     _, vecs = torch.linalg.eigh(fitted)  # ascending eigenvalues
     V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors  # noqa: N806
-    return mu, W @ V, V.T.contiguous(), b
+    return W @ V, V.T.contiguous()
 
 
 def _solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -364,20 +320,25 @@ class _StopForward(Exception):
 class UpdateCollector:
     """Hooks that feed :class:`UpdateStats` of many units from forward passes.
 
-    Each unit's input and update are those of :meth:`depthprune.stream.LayerStreams.passage`.
+    Each unit's input and update are those of :meth:`depthprune.stream.LayerStreams.passage`,
+    except that a unit in ``writers`` takes that writer's output as its input (the ``y``
+    of :class:`LinearEmulator`).
 
     Args:
         layout: The model and its family spec.
         wanted: Unit -> whether its ``D x D`` second moments are needed.
+        writers: Unit -> the writer whose output stands for its input.
         stop_early: Stop the forward pass after the last layer that holds a unit.
     """
 
     layout: ModelLayout
     wanted: dict[Unit, bool]
+    writers: dict[Unit, Writer] = field(default_factory=dict)
     stats: dict[Unit, UpdateStats] = field(default_factory=dict)
     stop_early: bool = True
     _select: Any = None
     _handles: list[Any] = field(default_factory=list)
+    _outputs: dict[Writer, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         dim = int(self.layout.model.config.hidden_size)
@@ -391,18 +352,25 @@ class UpdateCollector:
             kinds = [u.kind for u in units if u.kind != "block"]
             done = functools.partial(self._layer_done, i, units)
             self._handles.extend(stream.record(self.layout.layers[i], kinds, done))
+        for writer in sorted(set(self.writers.values())):
+            keep = functools.partial(self._outputs.__setitem__, writer)
+            self._handles.append(stream.on_writer(self.layout.model, self.layout.layers, writer, keep))
 
     def _layer_done(self, i: int, units: list[Unit], streams: LayerStreams) -> None:
         for unit in units:
             passage = streams.passage(unit.kind, self._select)  # (M, D) tensors
-            self._add(unit, passage.entering, passage.update)
+            writer = self.writers.get(unit)
+            entering = passage.entering if writer is None else self._select(self._outputs[writer])
+            self._add(unit, entering, passage.update)
         if self.stop_early and i == self.last_layer:
+            self._outputs.clear()
             raise _StopForward
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._outputs.clear()
 
     def set_tokens(self, attention_mask: torch.Tensor) -> None:
         mask = attention_mask.bool()
@@ -430,6 +398,7 @@ def collect_updates(
     spec: ArchSpec | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
+    writers: Mapping[Unit, Writer] | None = None,
 ) -> dict[Unit, UpdateStats]:
     """One pass over ``data`` that returns the update statistics of every unit.
 
@@ -440,11 +409,13 @@ def collect_updates(
         spec: The family spec; looked up from ``model.config`` when omitted.
         batch_size: Sequences per forward pass.
         show_progress: Show a progress bar on a terminal.
+        writers: Unit -> a writer whose output is recorded as the unit's input instead
+            of the stream entering it (for :class:`LinearEmulator` fits).
     """
     layout = ModelLayout.of(model, spec)
     wanted = dict(units) if isinstance(units, Mapping) else {u: True for u in units}
     layout.check_units(wanted)
-    collector = UpdateCollector(layout, wanted)
+    collector = UpdateCollector(layout, wanted, dict(writers or {}))
     device = input_device(model)
     collector.attach()
     try:
@@ -462,15 +433,43 @@ def collect_updates(
 def emulator_from_stats(
     stats: UpdateStats, replace: str, ridge: float = DEFAULT_RIDGE, dtype: torch.dtype | None = None
 ) -> nn.Module | None:
-    """Build the emulator of ``replace`` (``none``, ``bias``, ``lowrank:R``) from statistics."""
+    """Build the emulator of ``replace`` (``none``, ``bias``, ``lowrank:R``, ``linear:R``) from statistics.
+
+    For ``linear:R`` the statistics' input must be the writer's output (see
+    :func:`linear_writers`).
+    """
     kind, rank = parse_replace(replace)
+    cast = dtype or torch.float32
     if kind == "none":
         return None
     if kind == "bias":
-        return BiasEmulator(stats.mean_update().to(dtype or torch.float32))
+        return BiasEmulator(stats.mean_update().to(cast))
+    if kind == "linear":
+        A, B = solve_linear(stats, rank, ridge)  # noqa: N806
+        return LinearEmulator(A.to(cast), B.to(cast))
     mu, A, B, b = solve_lowrank(stats, rank, ridge)  # noqa: N806
-    cast = dtype or torch.float32
     return LowRankEmulator(mu.to(cast), A.to(cast), B.to(cast), b.to(cast))
+
+
+def linear_writers(layout: ModelLayout, removed: Iterable[Unit], linear: Iterable[Unit]) -> dict[Unit, Writer]:
+    """Unit -> the writer whose output its linear emulator reads, given every removed unit.
+
+    Raises:
+        InputError: the writer is the kept MLP beside a removed attention in a parallel
+            layer, which runs after the attention, so its output does not exist yet when
+            the emulator runs.
+    """
+    gone = removed_paths(removed)
+    out = {}
+    for u in linear:
+        writer = layout.stream.writer_before(u.kind, u.index, gone)[0]
+        if writer.layer == u.index and writer.kind == "mlp":
+            raise InputError(
+                f"{u} cannot have a linear emulator: it would read {writer}'s output, which this parallel layer "
+                f"computes after the attention; use bias or lowrank:R for {u}, or remove block.{u.index}"
+            )
+        out[u] = writer
+    return out
 
 
 def fit_emulators(
@@ -485,7 +484,8 @@ def fit_emulators(
     Args:
         model: The unpruned model; it is not changed.
         data: Calibration batches.
-        plan: Unit -> ``none``, ``bias`` or ``lowrank:R``.
+        plan: Unit -> ``none``, ``bias``, ``lowrank:R`` or ``linear:R``. Every unit of the
+            plan counts as removed when a linear emulator's writer is found.
         config: Fit options.
         spec: The family spec; looked up from ``model.config`` when omitted.
 
@@ -495,10 +495,20 @@ def fit_emulators(
     config = config or EmulationConfig()
     entries = dict(plan.items() if isinstance(plan, Mapping) else plan)
     kinds = {u: parse_replace(r)[0] for u, r in entries.items()}
-    need = {u: k == "lowrank" for u, k in kinds.items() if k != "none"}
+    need = {u: k in ("lowrank", "linear") for u, k in kinds.items() if k != "none"}
+    layout = ModelLayout.of(model, spec)
+    writers = linear_writers(layout, entries, [u for u, k in kinds.items() if k == "linear"])
     stats = {}
     if need:
-        stats = collect_updates(model, data, need, spec=spec, batch_size=config.batch_size, show_progress=config.show_progress)
+        stats = collect_updates(
+            model,
+            data,
+            need,
+            spec=layout.spec,
+            batch_size=config.batch_size,
+            show_progress=config.show_progress,
+            writers=writers,
+        )
     param = next(model.parameters())
     out: dict[Unit, nn.Module | None] = {}
     for unit, replace in entries.items():

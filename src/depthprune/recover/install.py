@@ -7,7 +7,10 @@ swapped for one that returns the unit's replacement update:
 - emulation: ``emulator(h)``, where ``h`` is the *raw* residual stream entering the path,
   as :mod:`depthprune.stream` defines it (the layer input for attention, block, and the
   MLP of a parallel family; the stream after the attention add for a sequential MLP),
-  never the pre-norm's output.
+  never the pre-norm's output;
+- a linear emulator (:class:`~depthprune.recover.emulate.LinearEmulator`) reads instead
+  the output of the last kept writer before the unit
+  (:meth:`~depthprune.stream.ResidualStream.writer_before`), handed over by a hook on it.
 
 The swapping is :func:`depthprune.units.swap_units_`, the mechanism masking uses too:
 post-norms of a removed path and pre-norms that only it reads become ``nn.Identity``; a
@@ -36,7 +39,14 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec
 from depthprune.errors import InputError
-from depthprune.units import Installed, ModelLayout, Unit, removed_paths, swap_units_
+from depthprune.units import (
+    Installed,
+    ModelLayout,
+    StreamBox,
+    Unit,
+    removed_paths,
+    swap_units_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +82,18 @@ def install_(
     check_replacements(replacements, layout.n_layers)
     gone = removed_paths(replacements)
     keeps_attention = any("attn" not in gone.get(i, set()) for i in range(layout.n_layers))
-    return swap_units_(layout, replacements, placeholder_cache=not keeps_attention)
+    handle = swap_units_(layout, replacements, placeholder_cache=not keeps_attention)
+    stream = layout.stream
+    try:
+        for unit, emulator in replacements.items():
+            tap = getattr(emulator, "tap", None)
+            if isinstance(tap, StreamBox):  # a LinearEmulator: it reads the writer before the unit
+                writer, _ = stream.writer_before(unit.kind, unit.index, gone)
+                handle._hooks.append(stream.on_writer(model, layout.layers, writer, tap.put))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
 
 
 def kv_cache_bytes(cache: Any) -> int:

@@ -5,7 +5,6 @@ In every result a higher score means more important.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,16 @@ from depthprune._fs import write_json_atomic
 from depthprune.architectures import ArchSpec
 from depthprune.data import CalibrationInfo, TokenBatches
 from depthprune.errors import InputError
-from depthprune.score.registry import METRICS, AdaptiveFn, AdaptiveRequest, Metric, get_metric, parse_metrics, stats_table
+from depthprune.identity import config_sha256
+from depthprune.score.registry import (
+    METRICS,
+    AdaptiveFn,
+    AdaptiveRequest,
+    Metric,
+    get_metric,
+    parse_metrics,
+    stats_table,
+)
 from depthprune.score.shapley import ShapleyConfig
 from depthprune.score.shapley.metric import shapley_definition, shapley_tables
 from depthprune.score.static import RunningStats, collect_static
@@ -98,6 +106,7 @@ class ScoreResult:
     definitions: dict[str, dict[str, Any]]
     seed: int
     cost: dict[str, int] = field(default_factory=dict)
+    config_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``scores.json`` document."""
@@ -105,6 +114,7 @@ class ScoreResult:
             "model": self.model,
             "family": self.family,
             "n_layers": self.n_layers,
+            "config_sha256": self.config_sha256,
             "calibration": self.calibration.to_dict(),
             "scores": self.scores,
             "stderr": self.stderr,
@@ -112,7 +122,6 @@ class ScoreResult:
             "meta": {
                 "version": __version__,
                 "seed": self.seed,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "cost": self.cost,
             },
         }
@@ -207,6 +216,7 @@ def score(
         definitions=definitions,
         seed=config.seed,
         cost=cost,
+        config_sha256=config_sha256(model.config),
     )
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from depthprune import __version__
 from depthprune._fs import read_checkpoint, write_json_atomic
 from depthprune.errors import CheckpointError, InputError, check_choice
+from depthprune.identity import config_sha256
 from depthprune.progress import counter
 from depthprune.score.registry import DEEPER_LOOK
 from depthprune.score.shapley import ModelGame, ShapleyConfig, estimate_shapley
@@ -157,6 +158,7 @@ class IterativeResult:
     config: IterativeConfig
     value: dict[str, Any]
     calibration: dict[str, Any]
+    config_sha256: str | None = None
 
     @property
     def layer_evals(self) -> int:
@@ -189,7 +191,14 @@ class IterativeResult:
             {"unit": str(s.unit), "replace": "none", "score": s.score, "rank": k, "value": s.value_after, "stderr": s.stderr}
             for k, s in enumerate(self.steps)
         ]
-        return {"version": __version__, "model": self.model, "n_layers": self.n_layers, "remove": remove, "provenance": provenance}
+        return {
+            "version": __version__,
+            "model": self.model,
+            "n_layers": self.n_layers,
+            "config_sha256": self.config_sha256,
+            "remove": remove,
+            "provenance": provenance,
+        }
 
 
 def _check_units(units: Sequence[Unit]) -> None:
@@ -300,6 +309,7 @@ def iterative_prune(
         config=config,
         value=value.describe(),
         calibration=value.calibration.to_dict(),
+        config_sha256=config_sha256(layout.model.config),
     )
 
 
