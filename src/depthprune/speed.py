@@ -143,6 +143,7 @@ def measure_speed(
     import torch
 
     from depthprune.data import context_length
+    from depthprune.devices import input_device
 
     config = config or SpeedConfig()
     limit = min((context_length(m) or 1 << 30) for m in models.values())
