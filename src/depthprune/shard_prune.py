@@ -311,6 +311,10 @@ def plan_rewrite(
         return None
     if set(source_names) - set(before) or len(set(source_names)) != len(source_names):
         return None
+    by_name = {name: entry for f in files for name, entry in f.tensors.items()}
+    if any(tuple(before[n].shape) != by_name[n].shape for n in source_names):
+        # Weights that do not fit the config: loading refuses them with the details.
+        return None
     if len({id(before[n]) for n in source_names}) != len(source_names):
         logger.info("checkpoint holds tied tensors twice; pruning in memory instead")
         return None
