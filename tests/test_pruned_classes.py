@@ -202,7 +202,9 @@ def test_to_depthpruned_counts_and_info() -> None:
         ({"remove": "block.1,attn.1"}, ("attn.1", "overlap a removed block")),
         ({"remove": "attn.1", "recover": "lowrank"}, ("--recover value", "lowrank:R")),
         ({"remove": "attn.1", "export_format": "onnx"}, ("unknown export format",)),
-        ({"plan": {"attn.1": "bias"}, "data": "TEXT", "export_format": "nemotron-nas"}, ("no_op only", "attn.1 -> bias")),
+        ({"plan": {"attn.1": "bias"}, "data": "TEXT", "export_format": "nemotron-nas"}, ("cannot express emulators", "attn.1 -> bias")),
+        ({"remove": "attn.0", "export_format": "nemotron-nas"}, ("first kept layer (attn.0)", "--format gguf")),
+        ({"remove": "block.0,attn.1", "export_format": "nemotron-nas"}, ("first kept layer (attn.1)", "--format gguf")),
     ],
 )
 def test_prune_model_refuses_before_loading(
@@ -233,12 +235,15 @@ def _decilm_module(path: Path):  # noqa: ANN202
     return module
 
 
-def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_nemotron_nas_export_matches_decilm_semantics(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # int(2 * ffn_mult * 32 / 3) rounded up to 256 must give the MLP width: 256 does (ffn_mult 12).
+    src = tmp_path / "llama256"
+    tiny_model("llama", intermediate_size=256).save_pretrained(src)
     out = tmp_path / "nas"
     plan = _plan_file(tmp_path, {"attn.1": "none", "mlp.2": "none", "block.3": "none"})
-    prune_model(LoadConfig(str(tiny_model_dirs["llama"]), dtype="float32"), PruneConfig(plan=plan, out=out, export_format="nemotron-nas"))
+    prune_model(LoadConfig(str(src), dtype="float32"), PruneConfig(plan=plan, out=out, export_format="nemotron-nas"))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert config["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
@@ -246,7 +251,7 @@ def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str,
     assert config["num_hidden_layers"] == len(blocks) == 3
     assert [(b["attention"]["no_op"], b["ffn"]["no_op"]) for b in blocks] == [(False, False), (True, False), (False, True)]
     assert blocks[0]["attention"] == {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2}
-    assert blocks[0]["ffn"]["intermediate_size"] == 64 and "ffn_mult" not in blocks[0]["ffn"]  # 64 is not a multiple of 256
+    assert blocks[0]["ffn"] == {"no_op": False, "replace_with_linear": False, "ffn_mult": 12.0, "intermediate_size": 256}
     assert read_manifest(out)["format"] == "nemotron-nas"
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
@@ -257,11 +262,11 @@ def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str,
 
     decilm = _decilm_module(out / "configuration_decilm.py").DeciLMConfig(**config)
     assert decilm.block_configs[1].attention.no_op and decilm.block_configs[2].ffn.no_op
-    assert not hasattr(decilm.block_configs[0].ffn, "ffn_mult")
+    assert decilm.block_configs[0].ffn.ffn_mult == 12.0
 
     # DeciLM semantics: a Llama whose no-op sublayers add nothing.
     llama_keys = {k: v for k, v in config.items() if k not in ("block_configs", "auto_map", "model_type", "architectures")}
-    reference = LlamaForCausalLM(LlamaConfig(**llama_keys, intermediate_size=64, num_key_value_heads=2)).eval()
+    reference = LlamaForCausalLM(LlamaConfig(**llama_keys, intermediate_size=256, num_key_value_heads=2)).eval()
     state = {}
     with safe_open(out / "model.safetensors", "pt") as f:
         for name in names:
@@ -270,7 +275,7 @@ def test_nemotron_nas_export_matches_decilm_semantics(tiny_model_dirs: dict[str,
     assert all(".layers.1." in k or ".layers.2." in k for k in missing)
     with torch.no_grad(), mask_units(reference, [Unit("attn", 1), Unit("mlp", 2)]):
         expected = reference(IDS).logits
-    pruned = load_model(str(tiny_model_dirs["llama"]), dtype="float32").model
+    pruned = load_model(str(src), dtype="float32").model
     to_depthpruned_(pruned, {Unit("attn", 1): None, Unit("mlp", 2): None, Unit("block", 3): None})
     with torch.no_grad():
         torch.testing.assert_close(pruned(IDS).logits, expected, rtol=0, atol=1e-5)
@@ -283,9 +288,27 @@ def test_nemotron_nas_refuses_other_families_and_emulators(tmp_path: Path) -> No
         export(model, tmp_path / "a", export_format="nemotron-nas")
     model = tiny_model("llama")
     to_depthpruned_(model, {Unit("mlp", 1): BiasEmulator.empty(32)})
-    with pytest.raises(InputError, match="supports no_op only"):
+    with pytest.raises(InputError, match="cannot express emulators"):
         export(model, tmp_path / "b", export_format="nemotron-nas")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nemotron_nas_refuses_a_width_that_ffn_mult_cannot_reproduce(tmp_path: Path) -> None:
+    from depthprune.nemotron_nas import _ffn_mult_for
+
+    # The engines' rule, int(2 * m * D / 3) rounded up to 256: SmolLM2's 576 -> 1536 (m = 4) and
+    # Llama-3-8B's 4096 -> 14336 (m = 5.25) are reproducible; no multiple of 256 can give 64.
+    assert _ffn_mult_for(1536, 576) == 4.0 and _ffn_mult_for(14336, 4096) == 5.25
+    assert _ffn_mult_for(64, 32) is None and _ffn_mult_for(1000, 576) is None
+    model = tiny_model("llama")  # intermediate_size 64
+    to_depthpruned_(model, {Unit("attn", 1): None})
+    with pytest.raises(InputError, match="intermediate_size 64 is not int"):
+        export(model, tmp_path / "c", export_format="nemotron-nas")
+    model = tiny_model("llama", intermediate_size=256)
+    to_depthpruned_(model, {Unit("attn", 0): None})
+    with pytest.raises(InputError, match="attention of layer 0"):
+        export(model, tmp_path / "d", export_format="nemotron-nas")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_load_refuses_missing_folder(tmp_path: Path) -> None:

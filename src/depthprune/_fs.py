@@ -52,6 +52,20 @@ def _reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
 
 
+def check_free_disk(folder: str | os.PathLike[str], needed: int, hint: str) -> None:
+    """Refuse an export of about ``needed`` bytes that the disk holding ``folder`` cannot take.
+
+    Raises:
+        InputError: fewer than ``needed`` bytes are free there; the message ends with ``hint``.
+    """
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InputError(
+            f"the export needs about {needed / 2**30:.2f} GiB but {str(folder)!r} has {free / 2**30:.2f} GiB free; "
+            f"free some space or {hint}"
+        )
+
+
 @contextlib.contextmanager
 def os_errors(target: PathLike) -> Iterator[None]:
     """Turn an OS error (or safetensors' I/O error) raised while writing ``target`` into one

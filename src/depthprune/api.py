@@ -22,9 +22,14 @@ from depthprune.data import (
 from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
+from depthprune.gguf_export import check_gguf_family, check_gguf_plan, check_gguf_type
 from depthprune.identity import check_made_for
 from depthprune.loading import LoadConfig, load_config, load_model
-from depthprune.nemotron_nas import check_family, refuse_emulators
+from depthprune.nemotron_nas import (
+    check_family,
+    check_nemotron_nas_plan,
+    refuse_emulators,
+)
 from depthprune.plan import check_replace, plan_units, read_plan
 from depthprune.prune import PruneResult, prune_
 from depthprune.pruned_classes import to_depthpruned_
@@ -37,7 +42,7 @@ from depthprune.recover.emulate import (
 from depthprune.recover.fold import FoldResult, fold_
 from depthprune.recover.install import check_replacements
 from depthprune.recover.select import DEFAULT_HELDOUT, select_emulators, split_tail
-from depthprune.units import Unit, parse_units
+from depthprune.units import Unit, parse_units, removed_paths
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +78,12 @@ class PruneConfig:
             each fitted emulator against plain removal; an emulator that does not lower
             the held-out loss is dropped (:mod:`depthprune.recover.select`). ``0`` keeps
             every emulator unchecked and fits on all sequences.
-        export_format: ``hf``, or ``nemotron-nas`` for a DeciLM-style config that vLLM
-            serves (families whose architecture file allows it, no emulators).
+        export_format: ``hf``, ``nemotron-nas`` for a DeciLM-style config that vLLM
+            serves (no emulators), or ``gguf`` for one ``.gguf`` file that llama.cpp runs
+            (emulators only where they fold into stock weights); both for families whose
+            architecture file allows it.
+        gguf_type: ``f32``, ``f16`` or ``bf16``, the matrices' type in a ``gguf`` export;
+            ``None`` means ``f32``, and is the only value other formats accept.
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
@@ -98,6 +107,7 @@ class PruneConfig:
     fold: bool = True
     heldout: float = DEFAULT_HELDOUT
     export_format: ExportFormat = "hf"
+    gguf_type: str | None = None
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
@@ -118,6 +128,10 @@ class PruneConfig:
         if self.recover is not None:
             check_replace(self.recover, "--recover value")
         check_choice(self.export_format, EXPORT_FORMATS, "export format")
+        if self.gguf_type is not None:
+            if self.export_format != "gguf":
+                raise InputError(f"--gguf-type {self.gguf_type} applies to --format gguf only; this export is {self.export_format!r}")
+            check_gguf_type(self.gguf_type)
         for name, least in (("n_samples", 1), ("seq_len", 2), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -177,7 +191,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     plan_doc = read_plan(prune.plan) if prune.plan is not None else None
     sources = {"models": [load.model], "inputs": [prune.plan, prune.data]}
     if not prune.dry_run:
-        check_output(prune.out, prune.force, "dir", **sources)
+        check_output(prune.out, prune.force, "file" if prune.export_format == "gguf" else "dir", **sources)
     config, local = load_config(load)
     spec = spec_for_config(config)
     n_layers = spec.num_layers(config)
@@ -202,6 +216,13 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)
+        check_nemotron_nas_plan(table)
+    if prune.export_format == "gguf":
+        # bias and linear:R may fold into stock weights (one that does not is refused at
+        # export); a low-rank emulator reads the stream and never folds.
+        check_gguf_family(spec, config)
+        never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
+        check_gguf_plan(removed_paths(table), never_fold)
     if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
         rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources)
         if rewritten is not None:
@@ -244,6 +265,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         source_dir=local,
         sources=sources,
         export_format=prune.export_format,
+        gguf_type=prune.gguf_type or "f32",
     )
     return result
 

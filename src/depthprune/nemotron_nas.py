@@ -10,6 +10,7 @@ the pruned model's own; :func:`depthprune.export.export` writes them and calls
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,21 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec, all_specs
 from depthprune.errors import InputError
+from depthprune.units import Unit
+
+_FIRST_ATTN = (
+    "the nemotron-nas format cannot remove the attention of the first kept layer ({unit}): vLLM's DeciLM layer "
+    "then calls its first RMSNorm without a residual and fails; use --format gguf (llama.cpp) or --format hf "
+    "(depthprune), or keep that attention"
+)
 
 
 def _ffn_mult_for(intermediate: int, hidden: int) -> float | None:
     """The DeciLM ``ffn_mult`` that reproduces ``intermediate`` exactly, or ``None``.
 
-    DeciLM computes ``intermediate = round_up(int(2 * ffn_mult * hidden / 3), 256)``.
+    vLLM, SGLang, TensorRT-LLM and llama.cpp's converter all compute (each in its own
+    ``_ffn_mult_to_intermediate_size``) ``intermediate = int(2 * ffn_mult * hidden / 3)``
+    rounded up to a multiple of 256; this applies the same rule to the multiplier written.
     """
     mult = 3 * intermediate / (2 * hidden)
     size = int(2 * mult * hidden / 3)
@@ -59,9 +69,28 @@ def refuse_emulators(emulated: list[str]) -> None:
     """
     if emulated:
         raise InputError(
-            f"the nemotron-nas format supports no_op only and cannot express emulators ({', '.join(emulated)}); "
-            "use --format hf, or --recover none"
+            f"the nemotron-nas format cannot express emulators ({', '.join(emulated)}): its replace_with_linear is a "
+            "bias-free map of the normed layer input, while these are fitted on the residual stream; use --format hf, "
+            "or --recover none"
         )
+
+
+def check_nemotron_nas_plan(table: Mapping[Unit, str]) -> None:
+    """Refuse a plan whose first kept layer loses its attention, before loading weights.
+
+    Whole blocks without an emulator are deleted, so the first kept layer is the first
+    index that is not such a block.
+
+    Args:
+        table: Unit (original indices) -> replacement (``none``, ``bias``, ``lowrank:R``).
+
+    Raises:
+        InputError: the first kept layer's attention is removed.
+    """
+    dropped = {u.index for u, r in table.items() if u.kind == "block" and r == "none"}
+    first = next(i for i in range(max(dropped, default=-1) + 2) if i not in dropped)
+    if Unit("attn", first) in table:
+        raise InputError(_FIRST_ATTN.format(unit=f"attn.{first}"))
 
 
 def nemotron_nas_config(model: nn.Module) -> dict[str, Any]:
@@ -86,7 +115,8 @@ def nemotron_nas_config(model: nn.Module) -> dict[str, Any]:
 
     Raises:
         InputError: the family's architecture file does not allow nemotron-nas, a sliding
-            window is set, or the model has emulators.
+            window is set, the model has emulators, layer 0 has no attention, or no
+            ``ffn_mult`` reproduces the intermediate size under the engines' rounding.
     """
     from depthprune.pruned_classes import depthprune_info, is_depthpruned, spec_of
 
@@ -112,13 +142,20 @@ def nemotron_nas_config(model: nn.Module) -> dict[str, Any]:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     hidden, intermediate = int(config.hidden_size), int(config.intermediate_size)
     mult = _ffn_mult_for(intermediate, hidden)
+    if mult is None and not all("mlp" in no_op[i] for i in range(n_layers)):
+        raise InputError(
+            f"intermediate_size {intermediate} is not int(2 * ffn_mult * {hidden} / 3) rounded up to a multiple of "
+            "256 for any ffn_mult, which is how vLLM, SGLang and TensorRT-LLM size DeciLM MLPs; use --format gguf "
+            "or --format hf"
+        )
+    if "attn" in no_op[0]:
+        raise InputError(_FIRST_ATTN.format(unit="the attention of layer 0"))
     blocks = []
     for i in range(n_layers):
         attn_gone, mlp_gone = "attn" in no_op[i], "mlp" in no_op[i]
         ffn: dict[str, Any] = {"no_op": mlp_gone, "replace_with_linear": False}
         if not mlp_gone:
-            if mult is not None:
-                ffn["ffn_mult"] = mult
+            ffn["ffn_mult"] = mult
             ffn["intermediate_size"] = intermediate
         blocks.append(
             {

@@ -232,6 +232,10 @@ class RewritePlan:
     result: Any
     depthpruned: bool
 
+    def output_bytes(self) -> int:
+        """Bytes of the kept tensors as the source stores them (before any cast)."""
+        return sum(e.end - e.begin for f in self.files for n, e in f.tensors.items() if n in self.renames)
+
 
 def meta_skeleton(config: Any, trust_remote_code: bool = False) -> Any:
     """The causal LM of ``config`` built on the meta device: structure only, no memory."""

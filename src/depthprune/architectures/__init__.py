@@ -115,8 +115,9 @@ class ArchSpec:
             config decides.
         unsupported_config: Config values under which removal would change the math of
             the remaining layers.
-        nemotron_nas: Whether a sublayer-pruned model of this family can be written as a
-            DeciLM / "nemotron-nas" config (a Llama layer with per-layer no-op sections).
+        nemotron_nas: Whether the decoder layer is Llama's, so that a pruned model of this
+            family can be written as a DeciLM / "nemotron-nas" config (a Llama layer with
+            per-layer no-op sections) or as a llama / deci GGUF file.
         fold: Where stand-ins fold into stock weights; ``None`` when nowhere.
         source: The file the spec was read from.
     """

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from depthprune.loading import LoadConfig
+    from depthprune.streamed import StreamedModel
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -62,3 +63,24 @@ def add_output_args(p: argparse.ArgumentParser, what: str, required: bool = True
     """``-o/--output`` and ``--force``."""
     p.add_argument("-o", "--output", required=required, help=what)
     p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """``--stream``, ``--stream-budget`` and ``--stream-spill-dir``: layer-streamed execution."""
+    g = p.add_argument_group("streaming", "run layer by layer from the safetensors files, for models larger than memory")
+    g.add_argument("--stream", action="store_true", help="read each decoder layer from disk when it runs, then free it")
+    g.add_argument(
+        "--stream-budget", metavar="SIZE", help="memory for one layer's weights plus activations, e.g. 2GB; activations beyond it spill to disk (default: no limit)"
+    )
+    g.add_argument("--stream-spill-dir", metavar="DIR", help="where the temporary spill folder goes (default: the system's temp folder)")
+
+
+def streamed_from(args: argparse.Namespace) -> StreamedModel:
+    """The :class:`~depthprune.streamed.StreamedModel` of the model and stream flags."""
+    from depthprune.distributed import rank_device
+    from depthprune.streamed import StreamConfig, open_streamed, parse_bytes
+
+    budget = parse_bytes(args.stream_budget) if args.stream_budget else None
+    config = StreamConfig(budget=budget, spill_dir=args.stream_spill_dir)
+    device = rank_device(args.device)
+    return open_streamed(args.model, config, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)

@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from depthprune.commands import add_model_args, load_config_from
+from depthprune.commands import (
+    add_model_args,
+    add_stream_args,
+    load_config_from,
+    streamed_from,
+)
 
 SPEC_HELP = (
     "a task spec KIND:TARGET[,key=value...]; repeat for several. "
@@ -30,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--batch-size", type=int, metavar="B", help="batch size of every task whose spec does not set one")
     p.add_argument("--mask", metavar="UNITS", help="evaluate with these units masked, e.g. block.3,attn.5")
+    add_stream_args(p)
     # No --quiet here: a subcommand default would overwrite the global -q/--quiet, which
     # may also be written after the subcommand (see depthprune.cli.GLOBAL_FLAGS).
     p.set_defaults(func=run)
@@ -55,6 +61,9 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         targets = [t.partition(":")[2].split(",")[0] for t in args.task]  # data files; a task name is no path
         check_output(args.json, args.force, "file", models=[args.model], inputs=targets)
+    if args.stream:
+        _run_streamed(args, specs)
+        return
     loaded = load_model(load)
     if loaded.tokenizer is None:
         raise InputError(f"{args.model!r} has no tokenizer; every evaluation task needs one")
@@ -64,6 +73,46 @@ def run(args: argparse.Namespace) -> None:
         result = evaluate(loaded.model, loaded.tokenizer, specs, show_progress=not args.quiet, model_name=args.model)
     result["masked"] = [str(u) for u in masked]
     result["dtype"] = load.dtype
+    print_table(result)
+    if args.json:
+        write_json_atomic(args.json, result, force=args.force)
+        print(f"wrote {args.json}")
+
+
+def _run_streamed(args: argparse.Namespace, specs: list[Any]) -> None:
+    """``eval --stream``: perplexity tasks, layer by layer from the checkpoint."""
+    import datetime as _dt
+    import time
+    from pathlib import Path
+
+    from depthprune import __version__
+    from depthprune._fs import write_json_atomic
+    from depthprune.errors import InputError
+    from depthprune.loading import load_tokenizer_for
+    from depthprune.streamed import perplexity_streamed
+    from depthprune.units import parse_units
+
+    other = [s.text for s in specs if s.kind != "ppl"]
+    if other:
+        raise InputError(f"--stream evaluates perplexity (ppl:) tasks only; run {other[0]!r} without --stream")
+    streamed = streamed_from(args)
+    tokenizer = load_tokenizer_for(args.model, Path(streamed.ckpt.source), args.trust_remote_code)
+    if tokenizer is None:
+        raise InputError(f"{args.model!r} has no tokenizer; every evaluation task needs one")
+    masked = parse_units(args.mask, streamed.n_layers) if args.mask else []
+    results: dict[str, Any] = {}
+    for spec in specs:
+        start = time.perf_counter()
+        r = perplexity_streamed(streamed, tokenizer, spec.target, spec.config, masked)
+        results[spec.text] = {**r, "spec": spec.text, "seconds": round(time.perf_counter() - start, 3)}
+    result = {
+        "model": args.model,
+        "tasks": results,
+        "meta": {"version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
+        "masked": [str(u) for u in masked],
+        "dtype": args.dtype,
+        "execution": "layer-streamed",
+    }
     print_table(result)
     if args.json:
         write_json_atomic(args.json, result, force=args.force)

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="remove units, optionally emulate them, and export the model",
         description="Only whole blocks, nothing emulated: a standard checkpoint of the same architecture. "
         "Sublayers or emulators: a depthprune_<family> checkpoint that loads after `import depthprune` "
-        "(or a nemotron-nas config for vLLM with --format nemotron-nas, no emulators).",
+        "(or a nemotron-nas config for vLLM with --format nemotron-nas, or one .gguf file for llama.cpp with "
+        "--format gguf; neither takes emulators).",
     )
     add_model_args(p)
     p.add_argument("--remove", help="comma-separated units to remove, e.g. block.3,attn.5")
@@ -49,14 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="chooses the calibration windows (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when fitting (default: 8)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help=f"relative ridge of low-rank fits (default: {DEFAULT_RIDGE})")
-    p.add_argument("--format", default="hf", choices=["hf", "nemotron-nas"], help="export format (default: hf)")
+    p.add_argument("--format", default="hf", choices=["hf", "nemotron-nas", "gguf"], help="export format (default: hf)")
+    p.add_argument(
+        "--gguf-type",
+        metavar="f32|f16|bf16",
+        help="type of the weight matrices in a --format gguf export (default: f32; norms stay f32)",
+    )
     p.add_argument(
         "--in-memory",
         action="store_true",
         help="load the model to prune it even when its safetensors shards could be rewritten on disk "
-        "(the default when nothing is emulated; both write the same tensors)",
+        "(the default for --format hf when nothing is emulated; both write the same tensors)",
     )
-    add_output_args(p, "output folder")
+    add_output_args(p, "output folder (a .gguf file with --format gguf)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
     p.set_defaults(func=_run_prune)
 
@@ -79,6 +85,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         fold=args.fold,
         heldout=args.heldout,
         export_format=args.format,
+        gguf_type=args.gguf_type,
         force=args.force,
         dry_run=args.dry_run,
         rewrite_shards=not args.in_memory,

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.commands import add_model_args, add_output_args, load_config_from
+from depthprune.commands import (
+    add_model_args,
+    add_output_args,
+    add_stream_args,
+    load_config_from,
+    streamed_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,11 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tol", type=float, help="stop once every standard error is below this")
     g.add_argument("--checkpoint", help="save progress to this file (default: none)")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    add_stream_args(p)
     add_output_args(p, "scores.json to write")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from rich.console import Console
 
     from depthprune._fs import check_output, check_target
@@ -77,17 +86,29 @@ def run(args: argparse.Namespace) -> None:
         check_output(args.plot, args.force, "file", **sources)
     if args.checkpoint:
         check_target(args.checkpoint, "file", **sources)
-    loaded = load_model(load_config_from(args))
+    if args.stream:
+        from depthprune.loading import load_tokenizer_for
+        from depthprune.streamed import check_stream_metrics, score_streamed
+
+        check_stream_metrics(config)
+        streamed = streamed_from(args)
+        model, tokenizer = streamed.model, load_tokenizer_for(args.model, Path(streamed.ckpt.source), args.trust_remote_code)
+    else:
+        loaded = load_model(load_config_from(args))
+        model, tokenizer = loaded.model, loaded.tokenizer
     data = load_calibration(
         args.data,
-        loaded.tokenizer,
+        tokenizer,
         n_sequences=args.samples,
         seq_len=args.seq_len,
         seed=args.seed,
-        max_context=context_length(loaded.model),
+        max_context=context_length(model),
         text_field=args.text_field,
     )
-    result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model, tokenizer=loaded.tokenizer)
+    if args.stream:
+        result = score_streamed(streamed, data, config, model_name=args.model)
+    else:
+        result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model, tokenizer=loaded.tokenizer)
     write_scores(result, args.output, force=args.force)
     doc = result.to_dict()
     if args.plot and is_writer():

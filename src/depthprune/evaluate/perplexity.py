@@ -27,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -49,7 +50,7 @@ from depthprune.progress import counter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerplexityConfig", "Window", "leading_slice", "perplexity", "plan_windows", "token_streams"]
+__all__ = ["PerplexityConfig", "Window", "WindowBatch", "leading_slice", "perplexity", "plan_windows", "token_streams"]
 
 Bos = Literal["auto", "none", "stream", "window"]
 Documents = Literal["join", "separate"]
@@ -222,32 +223,66 @@ def _sha256(streams: list[list[int]]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class WindowBatch:
+    """A batch of windows as model inputs, and which logits score which tokens.
+
+    Attributes:
+        ids: ``(B, T)`` token ids, right-padded.
+        mask: ``(B, T)``, 1 for real tokens.
+        positions: ``(B, K)`` rows of the logits that predict the scored tokens.
+        targets: ``(B, K)`` the scored tokens.
+        n_scored: Scored tokens of each window (the first ``n`` of its ``K`` positions).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    n_scored: tuple[int, ...]
+
+    @classmethod
+    def of(cls, streams: list[list[int]], windows: list[Window], bos_id: int | None, pad_id: int) -> WindowBatch:
+        offset = 1 if bos_id is not None else 0
+        rows = [([bos_id] if bos_id is not None else []) + streams[w.stream][w.start : w.end] for w in windows]
+        ids, mask = right_pad(rows, pad_id)  # (B, T)
+        k = max(w.n_scored for w in windows)
+        # Row index of the logit that predicts the token at stream position p is p - start + offset - 1.
+        first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows], device=HOST)  # (B,)
+        steps = torch.arange(k, device=HOST)[None, :]  # (1, K)
+        positions = first[:, None] + steps  # (B, K)
+        valid = steps < torch.tensor([w.n_scored for w in windows], device=HOST)[:, None]  # (B, K)
+        positions = torch.where(valid, positions, first[:, None])
+        targets = torch.take_along_dim(ids, positions + 1, dim=1)  # (B, K)
+        return cls(ids, mask, positions, targets, tuple(w.n_scored for w in windows))
+
+    def nll(self, logits: torch.Tensor, rows: range | None = None) -> float:
+        """Summed NLL (float64) of the scored tokens of ``rows`` from their logits ``(len(rows), K, V)``."""
+        rows = rows if rows is not None else range(len(self.n_scored))
+        total = 0.0
+        for j, i in enumerate(rows):  # row by row: one float32 copy of (K, V) at a time
+            n = self.n_scored[i]
+            nll = F.cross_entropy(logits[j, :n].float(), self.targets[i, :n].to(logits.device), reduction="none")  # (n,)
+            total += float(nll.double().sum())
+        return total
+
+
 @torch.no_grad()
-def _window_nll(
-    model: nn.Module, streams: list[list[int]], windows: list[Window], bos_id: int | None, pad_id: int
-) -> tuple[float, int]:
-    """Summed NLL (float64) and count of the scored tokens of a batch of windows."""
-    offset = 1 if bos_id is not None else 0
-    rows = [([bos_id] if bos_id is not None else []) + streams[w.stream][w.start : w.end] for w in windows]
-    ids, mask = right_pad(rows, pad_id)  # (B, T)
-    k = max(w.n_scored for w in windows)
-    # Row index of the logit that predicts the token at stream position p is p - start + offset - 1.
-    first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows], device=HOST)  # (B,)
-    steps = torch.arange(k, device=HOST)[None, :]  # (1, K)
-    positions = first[:, None] + steps  # (B, K)
-    valid = steps < torch.tensor([w.n_scored for w in windows], device=HOST)[:, None]  # (B, K)
-    positions = torch.where(valid, positions, first[:, None])
+def _window_nll(model: nn.Module, batch: WindowBatch) -> float:
+    """Summed NLL (float64) of the scored tokens of a batch of windows."""
     device = model_device(model)
-    logits = logits_at(model, ids.to(device), mask.to(device), positions.to(device))  # (B, K, V)
-    targets = torch.take_along_dim(ids, positions + 1, dim=1).to(logits.device)  # (B, K); the head's device under a device map
-    total = 0.0
-    for i, w in enumerate(windows):  # row by row: one float32 copy of (K, V) at a time
-        nll = F.cross_entropy(logits[i, : w.n_scored].float(), targets[i, : w.n_scored], reduction="none")  # (n,)
-        total += float(nll.double().sum())
-    return total, int(valid.sum())
+    logits = logits_at(model, batch.ids.to(device), batch.mask.to(device), batch.positions.to(device))  # (B, K, V)
+    return batch.nll(logits)
 
 
-def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str], config: PerplexityConfig | None = None) -> dict[str, Any]:
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str | os.PathLike[str],
+    config: PerplexityConfig | None = None,
+    *,
+    score_batches: Callable[[list[WindowBatch]], float] | None = None,
+) -> dict[str, Any]:
     """Perplexity of ``model`` on a text source, with the protocol used.
 
     Args:
@@ -258,6 +293,9 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str],
             split only at ``<|endoftext|>`` markers.
         config: The protocol; defaults to non-overlapping windows of the model's context
             (at most 2048 tokens).
+        score_batches: Computes the summed NLL of all batches at once instead of running
+            ``model`` batch by batch (layer-streamed execution passes every batch through
+            a layer while it is loaded); ``model`` then only needs a config.
 
     Returns:
         ``{"task": "ppl", "source", "perplexity", "nll", "n_scored", "higher_is_better",
@@ -289,17 +327,22 @@ def perplexity(model: nn.Module, tokenizer: Any, source: str | os.PathLike[str],
     pad_id = pad_id_of(tokenizer)
     # Longest windows first: batches pad less, and memory errors show up at once.
     order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].start, reverse=True)
-    total, n = 0.0, 0
-    starts = range(0, len(order), config.batch_size)
-    mine = [starts[k] for k in strided(len(starts))]  # under torchrun, every size-th batch
-    with counter(sum(min(config.batch_size, len(order) - b) for b in mine), "perplexity", disable=not config.show_progress) as bar:
-        for b in mine:
-            batch = [windows[i] for i in order[b : b + config.batch_size]]
-            s, c = _window_nll(model, streams, batch, bos_id, pad_id)
-            total, n = total + s, n + c
-            bar.update(len(batch))
-    total_all, n_all = all_reduce_sum([total, n])  # NLL sums and token counts, never means
-    total, n = float(total_all), round(float(n_all))
+    batches = [
+        WindowBatch.of(streams, [windows[i] for i in order[b : b + config.batch_size]], bos_id, pad_id)
+        for b in range(0, len(order), config.batch_size)
+    ]
+    n = sum(sum(b.n_scored) for b in batches)
+    mine = [batches[k] for k in strided(len(batches))]  # under torchrun, every size-th batch
+    if score_batches is not None:
+        total = score_batches(mine)
+    else:
+        total = 0.0
+        with counter(sum(len(b.n_scored) for b in mine), "perplexity", disable=not config.show_progress) as bar:
+            for batch in mine:
+                total += _window_nll(model, batch)
+                bar.update(len(batch.n_scored))
+    (total_all,) = all_reduce_sum([total])  # NLL sums over ranks, never means; n counts every window
+    total = float(total_all)
     nll = total / n
     protocol = {
         "mode": "windows" if stride == (seq_len - 1 if window_bos else seq_len) else "sliding",

@@ -232,6 +232,14 @@ def leave_one_out(
     return all_reduce_stats(stats), round(float(evals))
 
 
+def loo_reference(ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> tuple[NextTokenTargets, torch.Tensor]:
+    """The full model's targets and log-probabilities of a batch, and its per-token NLL ``(B, T-1)``."""
+    ref = NextTokenTargets.of(ids, mask, logits)
+    nll_full = ref.nll(ref.logp_full)
+    _check_finite(nll_full, "the full model's loss")
+    return ref, nll_full
+
+
 def _loo_batch(
     runner: PrefixRunner,
     ids: torch.Tensor,
@@ -242,18 +250,38 @@ def _loo_batch(
     bar: Any,
 ) -> None:
     """Leave-one-out statistics of one batch, added to ``stats``."""
-    ref = NextTokenTargets.of(ids, mask, runner.capture(ids, mask))
-    nll_full = ref.nll(ref.logp_full)
-    _check_finite(nll_full, "the full model's loss")
+    ref, nll_full = loo_reference(ids, mask, runner.capture(ids, mask))
     for unit in units:
         bar.update()
-        logp = F.log_softmax(runner.run(ids, mask, [unit])[:, :-1].float(), dim=-1)
-        if "loo_loss" in metrics:
-            delta = ref.per_sequence(ref.nll(logp) - nll_full)
-            _check_finite(delta, f"the loss with {unit} masked")
-            stats.setdefault(("loo_loss", unit), RunningStats()).add(delta)
-        if "loo_kl" in metrics:
-            kl = (ref.logp_full.exp() * (ref.logp_full - logp)).sum(-1)
-            kl = ref.per_sequence(kl)
-            _check_finite(kl, f"the KL divergence with {unit} masked")
-            stats.setdefault(("loo_kl", unit), RunningStats()).add(kl)
+        logits = runner.run(ids, mask, [unit])
+        add_loo_stats(ref, nll_full, logits, unit, metrics, stats)
+
+
+def add_loo_stats(
+    ref: NextTokenTargets,
+    nll_full: torch.Tensor,
+    logits: torch.Tensor,
+    unit: Unit,
+    metrics: list[str],
+    stats: dict[tuple[str, Unit], RunningStats],
+) -> None:
+    """Add the leave-one-out values of ``unit`` on some sequences to ``stats``.
+
+    Args:
+        ref: The sequences' targets and the full model's log-probabilities.
+        nll_full: The full model's per-token NLL ``(B, T-1)``.
+        logits: The logits with ``unit`` masked ``(B, T, V)``.
+        unit: The masked unit.
+        metrics: Any of ``loo_loss`` and ``loo_kl``.
+        stats: ``{(metric, unit): RunningStats}`` over sequences, updated in place.
+    """
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    if "loo_loss" in metrics:
+        delta = ref.per_sequence(ref.nll(logp) - nll_full)
+        _check_finite(delta, f"the loss with {unit} masked")
+        stats.setdefault(("loo_loss", unit), RunningStats()).add(delta)
+    if "loo_kl" in metrics:
+        kl = (ref.logp_full.exp() * (ref.logp_full - logp)).sum(-1)
+        kl = ref.per_sequence(kl)
+        _check_finite(kl, f"the KL divergence with {unit} masked")
+        stats.setdefault(("loo_kl", unit), RunningStats()).add(kl)

@@ -135,11 +135,16 @@ class StaticCollector:
 
     def attach(self) -> None:
         """Register the hooks on every layer that has a unit to score."""
-        stream = self.layout.stream
         for i in self._layers_needed:
-            kinds = [k for k in SUBLAYER_KINDS if (k, i) in self._wanted]
-            layer = self.layout.layers[i]
-            self._handles.extend(stream.record(layer, kinds, functools.partial(self._finish_layer, i)))
+            self._handles.extend(self.attach_layer(i))
+
+    def attach_layer(self, i: int) -> list[Any]:
+        """Register the hooks of layer ``i`` alone (none when it has no unit to score) and
+        return their handles; layer-streamed execution hooks one layer at a time."""
+        if i not in self._layers_needed:
+            return []
+        kinds = [k for k in SUBLAYER_KINDS if (k, i) in self._wanted]
+        return self.layout.stream.record(self.layout.layers[i], kinds, functools.partial(self._finish_layer, i))
 
     def detach(self) -> None:
         for handle in self._handles:
