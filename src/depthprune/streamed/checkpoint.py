@@ -193,6 +193,29 @@ class LazyCheckpoint:
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from exc
 
+    def read_rows(self, names: Iterable[str], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` (first dimension) of the named parameters, read from the
+        memory-mapped checkpoint without reading the rest, in this checkpoint's dtype and device.
+
+        Raises:
+            CheckpointError: a file cannot be read.
+        """
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name in names:
+            key = self._key(name)
+            if key is None:
+                raise CheckpointError(f"{self.source}: parameter {name!r} is not in the checkpoint")
+            by_file.setdefault(self.files[key], []).append((name, key))
+        out: dict[str, torch.Tensor] = {}
+        for path, pairs in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name, key in pairs:
+                        out[name] = f.get_slice(key)[start:stop].to(self.device, self.dtype)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from exc
+        return out
+
     def free_(self, names: Iterable[str]) -> None:
         """Send the named parameters back to the meta device."""
         from accelerate.utils import set_module_tensor_to_device

@@ -9,9 +9,13 @@
    model computes them, and the pass stops before the final norm. The embeddings are freed.
 2. Layer by layer: the layer's weights are read from the memory-mapped safetensors files,
    every calibration batch of every branch runs through it, and the weights are freed.
-3. The output embeddings (LM head) are loaded and the model's forward runs again with every
-   layer swapped for a module that hands over the final hidden state, so the model's own
-   final norm, head and logit soft-capping turn it into logits.
+3. The model's forward runs again with every layer swapped for a module that hands over
+   the final hidden state, so the model's own final norm, head and logit post-processing
+   (soft-capping, scaling) turn it into logits. The LM head (a ``nn.Linear``, or a tied
+   embedding) is not loaded whole: it is swapped for a module holding a block of
+   vocabulary rows read from the checkpoint, so each call gives one chunk of the logits
+   (:meth:`StreamedModel.head_chunks`; the losses are folded over the chunks, see
+   :mod:`depthprune.streamed.head`). A head of another kind is loaded whole.
 
 A branch is a set of masked units. Branches that mask the same units before layer ``i``
 share their hidden states there, so a pass evaluates any number of branches (leave-one-out
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from depthprune.errors import InputError
@@ -80,6 +85,20 @@ class _Feed(nn.Module):
         return (self.hidden,) if self.returns_tuple else self.hidden
 
 
+class _ChunkHead(nn.Module):
+    """Stands in for the LM head: the logits of a block of vocabulary rows only."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias  # (C, D), (C,); plain tensors, not parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+DEFAULT_HEAD_CHUNK = 4096  # vocabulary rows per LM-head chunk when no budget says otherwise
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """How streamed execution uses memory.
@@ -91,17 +110,22 @@ class StreamConfig:
         spill_dir: Where the temporary spill folder is made (default: the system's).
         head_rows: Sequences per LM-head call at the end (the logits of a whole batch
             can be larger than the model's layers).
+        head_chunk: Vocabulary rows of the LM head read at a time. ``None``: 4096, or
+            fewer under a budget (no more bytes than the largest decoder layer).
     """
 
     budget: int | None = None
     spill_dir: str | None = None
     head_rows: int = 1
+    head_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 1:
             raise InputError(f"stream budget must be a positive number of bytes, got {self.budget}")
         if self.head_rows < 1:
             raise InputError(f"head_rows must be at least 1, got {self.head_rows}")
+        if self.head_chunk is not None and self.head_chunk < 1:
+            raise InputError(f"head_chunk must be at least 1, got {self.head_chunk}")
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
@@ -146,6 +170,8 @@ class StreamedModel:
         embed_out = self.model.get_output_embeddings()
         self._in_names = ckpt.parameter_names(embed_in)
         self._out_names = ckpt.parameter_names(embed_out) if embed_out is not None else []
+        self._head = embed_out
+        self._head_path = ckpt._prefix(embed_out)[:-1] if embed_out is not None else ""
         layer_set = {n for names in self._layer_names for n in names}
         edge = set(self._in_names) | set(self._out_names)
         self._core_names = [n for n, _ in self.model.named_parameters(remove_duplicate=False) if n not in layer_set and n not in edge]
@@ -155,10 +181,83 @@ class StreamedModel:
     # -- memory ----------------------------------------------------------------------------
 
     def weight_bytes(self) -> int:
-        """The most weight bytes in memory at a time: the core plus a layer, or an embedding."""
+        """The most weight bytes in memory at a time: the core plus a layer, the input
+        embeddings, or a chunk of the LM head (the whole head if it is not chunked)."""
         nb = self.ckpt.nbytes
-        largest = max([nb(n) for n in self._layer_names] + [nb(self._in_names), nb(self._out_names)])
+        rows = self.head_chunk_rows()
+        head = nb(self._out_names) if rows is None else rows * self._head_row_bytes()
+        largest = max([nb(n) for n in self._layer_names] + [nb(self._in_names), head])
         return nb(self._core_names) + largest
+
+    # -- the LM head in vocabulary chunks ----------------------------------------------------
+
+    @property
+    def head_is_chunked(self) -> bool:
+        """Whether the LM head is read in vocabulary chunks: it is a ``nn.Linear`` (its weight
+        and bias have one row per vocabulary entry), so a block of rows gives a block of
+        logits. Any other head (none in the supported families) is loaded whole."""
+        head = self._head
+        return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward and not head._forward_hooks
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head."""
+        return int(self._head.out_features) if self.head_is_chunked else 0  # type: ignore[union-attr]
+
+    def _head_row_bytes(self) -> int:
+        size = torch.empty((), dtype=self.ckpt.dtype).element_size()
+        return size * sum(int(p[0].numel()) for p in self._head.parameters())  # type: ignore[union-attr]
+
+    def head_chunk_rows(self) -> int | None:
+        """Vocabulary rows per chunk of the LM head; ``None`` when it is loaded whole."""
+        if not self.head_is_chunked:
+            return None
+        if self.config.head_chunk is not None:
+            return min(self.config.head_chunk, self.vocab_size)
+        rows = DEFAULT_HEAD_CHUNK
+        if self.config.budget is not None:
+            layer = max(self.ckpt.nbytes(n) for n in self._layer_names)
+            rows = min(rows, max(1, layer // self._head_row_bytes()))
+        return min(rows, self.vocab_size)
+
+    def n_head_chunks(self) -> int:
+        """How many chunks :meth:`head_chunks` yields."""
+        rows = self.head_chunk_rows()
+        return 1 if rows is None else -(-self.vocab_size // rows)
+
+    def head_chunks(self) -> Iterator[tuple[int, nn.Module | None]]:
+        """The LM head one block of vocabulary rows at a time, inside :meth:`output_stage`.
+
+        Yields:
+            ``(start, chunk)``: pass ``chunk`` to :meth:`head` for the logits of vocabulary
+            rows ``[start, start + C)``. A head that is not chunked comes as ``(0, None)``:
+            the whole head, already loaded.
+        """
+        rows = self.head_chunk_rows()
+        if rows is None:
+            yield 0, None
+            return
+        for start in range(0, self.vocab_size, rows):
+            stop = min(start + rows, self.vocab_size)
+            tensors = self.ckpt.read_rows(self._out_names, start, stop)
+            prefix = f"{self._head_path}."
+            chunk = _ChunkHead(tensors[prefix + "weight"], tensors.get(prefix + "bias"))
+            yield start, chunk
+            del chunk, tensors
+
+    @contextlib.contextmanager
+    def _head_as(self, chunk: nn.Module | None) -> Iterator[None]:
+        if chunk is None:
+            yield
+            return
+        parent_name, _, attr = self._head_path.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        saved = parent._modules[attr]
+        parent._modules[attr] = chunk
+        try:
+            yield
+        finally:
+            parent._modules[attr] = saved
 
     def activation_budget(self, batch_bytes: int) -> int | None:
         """Bytes of activations kept in memory; checks that the budget holds a layer and a batch.
@@ -213,19 +312,30 @@ class StreamedModel:
         return (inputs[0] if inputs else None), calls  # type: ignore[return-value]
 
     @torch.no_grad()
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor, logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:
+    def head(
+        self, hidden: torch.Tensor, mask: torch.Tensor, logits_to_keep: torch.Tensor | int = 0, chunk: nn.Module | None = None
+    ) -> torch.Tensor:
         """Logits from final hidden states ``(B, T, D)``, through the model's own norm and head.
 
-        The output embeddings must be loaded (see :meth:`output_stage`).
+        Must run inside :meth:`output_stage`. With ``chunk`` (from :meth:`head_chunks`) the
+        head is swapped for it, and the result is that chunk's logits ``(B, T, C)``, after
+        the model's own elementwise post-processing (soft-capping, scaling).
         """
-        with self._layers_as([_Feed(hidden, self._returns_tuple)] * self.n_layers):
+        with self._layers_as([_Feed(hidden, self._returns_tuple)] * self.n_layers), self._head_as(chunk):
             out = self.model(inputs_embeds=hidden, attention_mask=mask.to(hidden.device), use_cache=False, logits_to_keep=logits_to_keep)
-        return out.logits
+        logits = out.logits
+        if chunk is not None and logits.shape[-1] != chunk.weight.shape[0]:  # type: ignore[union-attr]
+            raise RuntimeError(
+                f"{type(self.model).__name__} turns {chunk.weight.shape[0]} head rows into {logits.shape[-1]} logits; "  # type: ignore[union-attr]
+                "its logits are not an elementwise function of the head's rows, so its head cannot be streamed in chunks"
+            )
+        return logits
 
     @contextlib.contextmanager
     def output_stage(self) -> Iterator[None]:
-        """Inside the block, the LM head (and the final norm) are loaded."""
-        names = [*self._core_names, *self._out_names]
+        """Inside the block, the final norm is loaded, and the LM head too if it is not
+        read in chunks (see :meth:`head_chunks`)."""
+        names = [*self._core_names, *([] if self.head_is_chunked else self._out_names)]
         self.ckpt.load_(names)
         try:
             yield

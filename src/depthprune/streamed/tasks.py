@@ -1,9 +1,12 @@
 """The stages that run layer-streamed: static metrics, leave-one-out and perplexity.
 
-Each gives the same numbers as its in-memory counterpart (it reuses the same statistics
-code: :class:`~depthprune.score.static.StaticCollector`,
-:func:`~depthprune.score.adaptive.add_loo_stats`, :class:`~depthprune.evaluate.perplexity.WindowBatch`);
-only the order of work changes: all batches pass a layer before the next one is read.
+Each gives the same numbers as its in-memory counterpart: the static metrics reuse the
+same statistics code (:class:`~depthprune.score.static.StaticCollector`), and only the
+order of work changes: all batches pass a layer before the next one is read. Losses are
+computed from the LM head in vocabulary chunks (:mod:`depthprune.streamed.head`), with the
+definitions of :func:`~depthprune.score.adaptive.add_loo_stats` and
+:meth:`~depthprune.evaluate.perplexity.WindowBatch.nll` but float64 sums instead of a
+float32 ``log_softmax``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from depthprune.errors import InputError
 from depthprune.evaluate.perplexity import PerplexityConfig, WindowBatch, perplexity
 from depthprune.progress import counter
 from depthprune.score import ScoreConfig, ScoreResult, _definition
-from depthprune.score.adaptive import add_loo_stats, loo_reference
 from depthprune.score.registry import MetricTables, parse_metrics, stats_table
-from depthprune.score.static import RunningStats, StaticCollector
+from depthprune.score.static import NonFiniteError, RunningStats, StaticCollector
+from depthprune.streamed.head import ChunkedKL, ChunkedLogSumExp
 from depthprune.streamed.runner import Batch, StreamedModel, branch_of
 from depthprune.units import Unit, all_units
 
@@ -115,6 +118,19 @@ def score_streamed(
     )
 
 
+def _logits64(streamed: StreamedModel, hidden: torch.Tensor, mask: torch.Tensor, chunk: Any, keep: torch.Tensor | int = 0) -> torch.Tensor:
+    """One chunk's logits as the in-memory path sees them (cast to float32), then float64."""
+    return streamed.head(hidden, mask, keep, chunk).float().double()
+
+
+def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            f"non-finite values in {what}: the model's weights or dtype are broken; check the checkpoint, or try --dtype float32"
+        )
+    return values
+
+
 @torch.no_grad()
 def _loo_head(
     streamed: StreamedModel,
@@ -125,23 +141,55 @@ def _loo_head(
     metrics: list[str],
     show_progress: bool,
 ) -> dict[tuple[str, Unit], RunningStats]:
-    """The leave-one-out statistics from the final hidden states of every branch."""
-    stats: dict[tuple[str, Unit], RunningStats] = {}
+    """The leave-one-out statistics from the final hidden states of every branch.
+
+    The LM head is read once, a chunk of vocabulary rows at a time; every sequence of every
+    branch passes each chunk, and the per-token log-sum-exps, target logits and KL terms
+    are folded over the chunks (:mod:`depthprune.streamed.head`). The values are those of
+    :func:`~depthprune.score.adaptive.add_loo_stats`: per sequence, the mean over its valid
+    next-token positions of the change of NLL, and of ``KL(p_full || p_masked)``.
+    """
     step = streamed.config.head_rows
     device = streamed.ckpt.device
     full = states[frozenset()]
-    with streamed.output_stage(), counter(len(batches) * len(units), "leave-one-out head", disable=not show_progress) as bar:
-        for b, (ids, mask) in enumerate(batches):
-            ids, mask = ids.to(device), mask.to(device)
-            h_full = store.get((full, b))  # (B, T, D)
-            for r in range(0, ids.shape[0], step):
-                rows = slice(r, r + step)
-                ref, nll_full = loo_reference(ids[rows], mask[rows], streamed.head(h_full[rows], mask[rows]))
+    groups = [(b, slice(r, r + step)) for b, (ids, _) in enumerate(batches) for r in range(0, ids.shape[0], step)]
+    want_kl = "loo_kl" in metrics
+    acc: list[tuple[ChunkedLogSumExp, dict[Unit, tuple[ChunkedLogSumExp, ChunkedKL | None]]]] = []
+    for b, rows in groups:
+        targets = batches[b][0][rows, 1:].to(device)  # (R, T-1)
+        per_unit = {u: (ChunkedLogSumExp(targets), ChunkedKL(targets.shape, device) if want_kl else None) for u in units}
+        acc.append((ChunkedLogSumExp(targets), per_unit))
+    total = streamed.n_head_chunks() * len(groups)
+    with streamed.output_stage(), counter(total, "leave-one-out head", disable=not show_progress) as bar:
+        for start, chunk in streamed.head_chunks():
+            for (b, rows), (ref, per_unit) in zip(groups, acc, strict=True):
+                mask = batches[b][1][rows].to(device)
+                x_full = _logits64(streamed, store.get((full, b))[rows], mask, chunk)[:, :-1]  # (R, T-1, C)
+                alpha, e = ref.add(start, x_full)
                 for unit in units:
-                    hidden = store.get((states[branch_of([unit])], b))[rows]
-                    add_loo_stats(ref, nll_full, streamed.head(hidden, mask[rows]), unit, metrics, stats)
-                del ref, nll_full
-            bar.update(len(units))
+                    x = _logits64(streamed, store.get((states[branch_of([unit])], b))[rows], mask, chunk)[:, :-1]
+                    lse, kl = per_unit[unit]
+                    lse.add(start, x)
+                    if kl is not None:
+                        kl.add(alpha, e, x_full, x)
+                    del x
+                del x_full, alpha, e
+                bar.update()
+            del chunk
+    stats: dict[tuple[str, Unit], RunningStats] = {}
+    for (b, rows), (ref, per_unit) in zip(groups, acc, strict=True):
+        mask = batches[b][1][rows].to(device)
+        valid = (mask[:, 1:].bool() & mask[:, :-1].bool()).double()  # (R, T-1), as NextTokenTargets.of
+        n_valid = valid.sum(-1).clamp_min(1)
+        nll_full = _finite(ref.nll, "the full model's loss")
+        for unit in units:
+            lse, kl = per_unit[unit]
+            if "loo_loss" in metrics:
+                delta = _finite(((lse.nll - nll_full) * valid).sum(-1) / n_valid, f"the loss with {unit} masked")
+                stats.setdefault(("loo_loss", unit), RunningStats()).add(delta)
+            if kl is not None:
+                value = _finite((kl.value(ref, lse) * valid).sum(-1) / n_valid, f"the KL divergence with {unit} masked")
+                stats.setdefault(("loo_kl", unit), RunningStats()).add(value)
     return stats
 
 
@@ -163,13 +211,21 @@ def perplexity_streamed(
         total = 0.0
         with streamed.store(_batch_bytes(streamed, inputs)) as store:
             state = streamed.run(inputs, [branch], store, show_progress=config.show_progress)[branch]
+            # The head is read once, a chunk of vocabulary rows at a time; every window passes
+            # each chunk (see _loo_head). Per token: lse - x(target), as cross_entropy.
+            groups = [(b, slice(r, r + step)) for b, wb in enumerate(batches) for r in range(0, len(wb.n_scored), step)]
+            acc = [ChunkedLogSumExp(batches[b].targets[rows].to(device)) for b, rows in groups]
             with streamed.output_stage():
-                for b, wb in enumerate(batches):
-                    hidden = store.take((state, b))  # (B, T, D)
-                    for r in range(0, len(wb.n_scored), step):
-                        rows = slice(r, r + step)
-                        logits = streamed.head(hidden[rows], wb.mask[rows].to(device), wb.positions[rows].to(device))
-                        total += wb.nll(logits, range(len(wb.n_scored))[rows])
+                for start, chunk in streamed.head_chunks():
+                    for (b, rows), lse in zip(groups, acc, strict=True):
+                        wb = batches[b]
+                        hidden = store.get((state, b))[rows]  # (R, T, D)
+                        lse.add(start, _logits64(streamed, hidden, wb.mask[rows].to(device), chunk, wb.positions[rows].to(device)))
+                    del chunk
+            for (b, rows), lse in zip(groups, acc, strict=True):
+                nll = lse.nll  # (R, K) float64
+                for j, i in enumerate(range(len(batches[b].n_scored))[rows]):
+                    total += float(nll[j, : batches[b].n_scored[i]].sum())
         return total
 
     result = perplexity(streamed.model, tokenizer, source, config, score_batches=score_batches)
