@@ -19,6 +19,7 @@ from depthprune.data import (
     context_length,
     load_calibration,
 )
+from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
 from depthprune.gguf_export import check_gguf_family, check_gguf_plan, check_gguf_type
@@ -86,6 +87,10 @@ class PruneConfig:
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
+        rewrite_shards: When nothing is emulated and the format is ``hf``, prune a local
+            safetensors checkpoint by rewriting its shards tensor by tensor, without
+            loading the model (see :mod:`depthprune.shard_prune`); ``False`` always
+            loads it. Both write the same tensors.
         stream: A :class:`~depthprune.streamed.StreamConfig`: fit the emulators and run
             the held-out check layer-streamed from the safetensors checkpoint
             (:mod:`depthprune.streamed.recover`); ``linear:R`` is refused. The export
@@ -110,6 +115,7 @@ class PruneConfig:
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
+    rewrite_shards: bool = True
     stream: Any = None
 
     def __post_init__(self) -> None:
@@ -139,7 +145,7 @@ class PruneConfig:
             raise InputError(f"text_field {self.text_field!r} is invalid; expected a field name such as text")
         if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
             raise InputError(f"held-out fraction {self.heldout!r} is invalid; expected a number in [0, 1), e.g. 0.2")
-        for name in ("force", "dry_run", "show_progress", "fold"):
+        for name in ("force", "dry_run", "show_progress", "fold", "rewrite_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
         self.emulation()  # checks ridge and batch_size
@@ -226,6 +232,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         check_gguf_family(spec, config)
         never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
         check_gguf_plan(removed_paths(table), never_fold)
+    if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources)
+        if rewritten is not None:
+            return rewritten
     streamed_fit = _fit_streamed(load, table, prune) if prune.stream is not None and emulated else None
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
@@ -254,17 +264,11 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         else:
             result = to_depthpruned_(loaded.model, replacements, loaded.spec)
     result = dataclasses.replace(result, params_before=params_source)
-    if prune.dry_run:
+    if prune.dry_run or not is_writer():  # under torchrun every rank fits; rank 0 alone writes
         return result
-    manifest = {
-        "source": {"model": load.model, "family": loaded.spec.family, "n_layers": result.n_layers_before},
-        "removed": [str(u) for u in result.removed],
-        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
-        "emulated": {str(u): r for u, r in entries if r != "none"},
-        "recover": None if calibration is None else {"method": "closed_form", "ridge": prune.ridge, **(recovery or {})},
-        "plan": plan_doc,
-        "scores": None,
-    }
+    manifest = _manifest(load, loaded.spec.family, result, entries, plan_doc)
+    if calibration is not None:
+        manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, **(recovery or {})}
     export(
         loaded.model,
         prune.out,
@@ -277,6 +281,73 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         gguf_type=prune.gguf_type or "f32",
     )
     return result
+
+
+def _manifest(
+    load: LoadConfig, family: str, result: PruneResult, entries: list[tuple[Unit, str]], plan_doc: Any
+) -> dict[str, Any]:
+    return {
+        "source": {"model": load.model, "family": family, "n_layers": result.n_layers_before},
+        "removed": [str(u) for u in result.removed],
+        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
+        "emulated": {str(u): r for u, r in entries if r != "none"},
+        "recover": None,
+        "plan": plan_doc,
+        "scores": None,
+    }
+
+
+def _prune_on_disk(
+    load: LoadConfig,
+    prune: PruneConfig,
+    config: Any,
+    local: Path | None,
+    spec: Any,
+    table: dict[Unit, str],
+    plan_doc: Any,
+    entries: list[tuple[Unit, str]],
+    sources: dict[str, Any],
+) -> PruneResult | None:
+    """Prune by rewriting the safetensors shards (see :mod:`depthprune.shard_prune`), or ``None``.
+
+    ``None`` means the source is not a local safetensors checkpoint that maps one-to-one
+    onto the model, and the caller loads the model instead.
+    """
+    from depthprune.export import export_rewritten
+    from depthprune.gguf_import import is_gguf_path
+    from depthprune.loading import DTYPES, load_tokenizer_for
+    from depthprune.shard_prune import plan_rewrite
+
+    if local is None or is_gguf_path(load.model):
+        return None
+    plan = plan_rewrite(local, config, spec, dict.fromkeys(table), load.trust_remote_code)
+    if plan is None:
+        return None
+    result: PruneResult = plan.result
+    if prune.dry_run or not is_writer():  # under torchrun, rank 0 alone rewrites the shards
+        return result
+    dtype = None if load.dtype == "auto" else DTYPES[load.dtype]
+    tokenizer = load_tokenizer_for(load.model, local, load.trust_remote_code) if load.load_tokenizer else None
+    export_rewritten(
+        plan,
+        prune.out,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        generation_config=_generation_config(local, plan.skeleton),
+        manifest=_manifest(load, spec.family, result, entries, plan_doc),
+        force=prune.force,
+        sources={**sources, "models": [*sources.get("models", ()), local]},
+    )
+    return result
+
+
+def _generation_config(local: Path, skeleton: Any) -> Any | None:
+    """The generation config ``from_pretrained`` would give the model, as ``save_pretrained`` writes it."""
+    from transformers import GenerationConfig
+
+    if (local / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(local))
+    return skeleton.generation_config if skeleton.can_generate() else None
 
 
 def _check_ranks(entries: list[tuple[Unit, str]], config: Any) -> None:
@@ -301,9 +372,10 @@ def _fit_streamed(load: LoadConfig, table: dict[Unit, str], prune: PruneConfig) 
     from depthprune.streamed import open_streamed
     from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
 
-    streamed = open_streamed(
-        load.model, prune.stream, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
-    )
+    from depthprune.distributed import rank_device
+
+    device = rank_device(load.device)
+    streamed = open_streamed(load.model, prune.stream, dtype=load.dtype, device=device, trust_remote_code=load.trust_remote_code)
     tokenizer = load_tokenizer_for(load.model, Path(streamed.ckpt.source), load.trust_remote_code)
     calibration = load_calibration(
         prune.data,  # type: ignore[arg-type]

@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="f32|f16|bf16",
         help="type of the weight matrices in a --format gguf export (default: f32; norms stay f32)",
     )
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the model to prune it even when its safetensors shards could be rewritten on disk "
+        "(the default for --format hf when nothing is emulated; both write the same tensors)",
+    )
     add_stream_args(p)
     add_output_args(p, "output folder (a .gguf file with --format gguf)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
@@ -83,6 +89,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         gguf_type=args.gguf_type,
         force=args.force,
         dry_run=args.dry_run,
+        rewrite_shards=not args.in_memory,
         show_progress=not args.quiet,
         stream=stream_config_from(args) if args.stream else None,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from depthprune.commands import add_model_args, add_output_args
+from depthprune.commands import add_model_args, add_output_args, load_config_from
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -89,7 +89,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     )
     if args.value in ("loss", "kl") and not args.data:
         raise InputError(f"the {args.value} value needs calibration text; pass --data PATH")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
     context = context_length(loaded.model)
     data = None
     if args.data:

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> None:
     from torch import nn
 
     from depthprune._fs import check_target, os_errors
+    from depthprune.commands import load_config_from
+    from depthprune.distributed import is_writer
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
     from depthprune.loading import load_model
     from depthprune.scores_file import load_scores
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     )
     check_target(args.output, "dir", models=[args.model])
     scores = load_scores(args.scores)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
 
     def evaluator(model: nn.Module) -> dict[str, dict[str, Any]]:
         res = evaluate(model, loaded.tokenizer, tasks, batch_size=args.batch_size, show_progress=False)["tasks"]
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         with os_errors(args.output):
             (Path(args.output) / "sweep.json").unlink()
     result = sweep(loaded.model, scores, config, evaluator, out_dir=args.output, model_name=args.model)
-    pngs = plot_sweep(result, args.output, tasks)
+    pngs = plot_sweep(result, args.output, tasks) if is_writer() else []
     for kind, metric in result.lines():
         for task in tasks:
             curve = ", ".join(f"{v:.4g}" for v in result.curve(kind, metric, task))

@@ -95,7 +95,8 @@ def fit_emulators_streamed(
     stats = {}
     if need:
         collector = UpdateCollector(streamed.layout, need, stop_early=False)
-        batches = [(ids, mask) for ids, mask in data.batches(config.batch_size)]
+        # This rank's share of the sequences, as collect_updates takes it (all of them in one process).
+        batches = [(ids, mask) for ids, mask in data.rank_share().batches(config.batch_size)]
 
         @contextlib.contextmanager
         def tokens(i: int, b: int, batch: Batch) -> Iterator[None]:
@@ -108,6 +109,8 @@ def fit_emulators_streamed(
                 streamed.run(batches, [], store, on_trunk=tokens, show_progress=config.show_progress, upto=collector.last_layer)
         finally:
             collector.detach()
+        for unit in sorted(collector.stats):  # sums over ranks under torchrun, in the same order on every rank
+            collector.stats[unit].all_reduce_()
         stats = collector.stats
     out: dict[Unit, nn.Module | None] = {}
     for unit, replace in plan.items():
