@@ -132,9 +132,9 @@ def test_refuses_linear(sharded_llama: Path) -> None:
         fit_emulators_streamed(streamed, _tokens(), {Unit("attn", 2): "linear:4"})
 
 
-def _prune(model: Path, out: Path, data: Path, stream: StreamConfig | None, **kw: Any) -> dict[str, Any]:
+def _prune(model: Path, out: Path, data: Path, stream: StreamConfig | None, remove: str = "attn.1,mlp.2,block.3", **kw: Any) -> dict[str, Any]:
     config = PruneConfig(
-        out=out, remove="attn.1,mlp.2,block.3", data=str(data), n_samples=6, seq_len=32, batch_size=2,
+        out=out, remove=remove, data=str(data), n_samples=6, seq_len=32, batch_size=2,
         show_progress=False, stream=stream, heldout=0.34, **kw,
     )
     prune_model(LoadConfig(str(model)), config)
@@ -153,11 +153,36 @@ def test_prune_export_equals_in_memory(sharded_llama: Path, tmp_path: Path, reco
     for u, e in units_m.items():
         assert (units_s[u]["decision"], units_s[u].get("folded_into")) == (e["decision"], e.get("folded_into")), u
         assert units_s[u]["heldout_loss_with"] == pytest.approx(e["heldout_loss_with"], rel=LOSS_REL)
-    a = {k: v for f in sorted((tmp_path / "mem").glob("*.safetensors")) for k, v in load_file(f).items()}
-    b = {k: v for f in sorted((tmp_path / "st").glob("*.safetensors")) for k, v in load_file(f).items()}
+    a, b = _safetensors(tmp_path / "mem"), _safetensors(tmp_path / "st")
     assert a.keys() == b.keys()
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=REL, atol=ABS, msg=k)
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_all_emulators_dropped_rewrites_the_shards(sharded_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 97} x{i % 13}" for i in range(3000)))
+    # Measured on this model and text: both bias emulators lose to plain removal.
+    m_mem = _prune(sharded_llama, tmp_path / "mem", text, None, remove="mlp.2,block.3", recover="bias", rewrite_shards=False)
+    assert {e["decision"] for e in m_mem["recover"]["units"].values()} == {"drop"}
+
+    def no_load(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("depthprune.api.load_model", no_load)
+    m_st = _prune(sharded_llama, tmp_path / "st", text, CHUNKED, remove="mlp.2,block.3", recover="bias")
+    assert m_st["recover"].pop("execution") == "layer-streamed"
+    assert m_mem["recover"].pop("execution") == "in-memory"
+    for doc in (m_mem, m_st):
+        for e in doc["recover"]["units"].values():
+            e.pop("heldout_loss_with"), e.pop("heldout_loss_without")
+    assert m_st == m_mem
+    a, b = _safetensors(tmp_path / "mem"), _safetensors(tmp_path / "st")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_prune_stream_refuses_linear(sharded_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

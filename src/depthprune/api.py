@@ -237,6 +237,14 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         if rewritten is not None:
             return rewritten
     streamed_fit = _fit_streamed(load, table, prune) if prune.stream is not None and emulated else None
+    if streamed_fit is not None and all(e is None for e in streamed_fit[1].values()) and prune.export_format == "hf" and prune.rewrite_shards:
+        # Every emulator lost the held-out check: plain removal, so the shards can be
+        # rewritten without loading the model, as when nothing is emulated.
+        doc = _recovery_doc(streamed_fit[0], table, prune, streamed_fit[2], FoldResult(), "layer-streamed")
+        recover = {"method": "closed_form", "ridge": prune.ridge, **doc}
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources, recover)
+        if rewritten is not None:
+            return rewritten
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
@@ -307,8 +315,11 @@ def _prune_on_disk(
     plan_doc: Any,
     entries: list[tuple[Unit, str]],
     sources: dict[str, Any],
+    recover: dict[str, Any] | None = None,
 ) -> PruneResult | None:
     """Prune by rewriting the safetensors shards (see :mod:`depthprune.shard_prune`), or ``None``.
+
+    ``recover``, when given, is the manifest's ``recover`` entry (emulators fitted and all dropped).
 
     ``None`` means the source is not a local safetensors checkpoint that maps one-to-one
     onto the model, and the caller loads the model instead.
@@ -334,7 +345,7 @@ def _prune_on_disk(
         dtype=dtype,
         tokenizer=tokenizer,
         generation_config=_generation_config(local, plan.skeleton),
-        manifest=_manifest(load, spec.family, result, entries, plan_doc),
+        manifest={**_manifest(load, spec.family, result, entries, plan_doc), **({"recover": recover} if recover else {})},
         force=prune.force,
         sources={**sources, "models": [*sources.get("models", ()), local]},
     )
@@ -428,6 +439,20 @@ def _recover(
     folding = FoldResult()
     if prune.fold:
         replacements, folding = fold_(model, replacements, spec)
+    execution = "layer-streamed" if fitted is not None else "in-memory"
+    return replacements, _recovery_doc(calibration, table, prune, decisions, folding, execution)
+
+
+def _recovery_doc(
+    calibration: TokenBatches,
+    table: dict[Unit, str],
+    prune: PruneConfig,
+    decisions: dict[Unit, Any],
+    folding: FoldResult,
+    execution: str,
+) -> dict[str, Any]:
+    """The ``recover`` part of ``depthprune.json`` without method and ridge."""
+    fit, heldout = split_tail(calibration, prune.heldout)
     units: dict[str, Any] = {}
     for unit, replace in sorted(table.items()):
         if replace == "none":
@@ -437,16 +462,15 @@ def _recover(
         if unit in folding.refused and entry["decision"] != "drop":
             entry["fold_refused"] = folding.refused[unit]
         units[str(unit)] = entry
-    recovery = {
+    return {
         "calibration": calibration.info.to_dict(),
         "fit": fit.info.to_dict(),
         "heldout": None if heldout is None else heldout.info.to_dict(),
         "fold": prune.fold,
-        "execution": "layer-streamed" if fitted is not None else "in-memory",
+        "execution": execution,
         "bias_flags": list(folding.flags),
         "units": units,
     }
-    return replacements, recovery
 
 
 __all__ = ["PruneConfig", "prune_model"]
