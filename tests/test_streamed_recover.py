@@ -18,7 +18,7 @@ from depthprune.errors import InputError
 from depthprune.loading import LoadConfig, load_model
 from depthprune.recover.emulate import BiasEmulator, EmulationConfig, fit_emulators
 from depthprune.recover.select import select_emulators, split_tail
-from depthprune.streamed import LazyCheckpoint, StreamConfig, open_streamed
+from depthprune.streamed import ActivationStore, LazyCheckpoint, StreamConfig, open_streamed
 from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
 from depthprune.units import Unit
 
@@ -211,3 +211,52 @@ def test_stories260k_fit_equals_in_memory(stories_lm: Any, stories_dir: Path, sh
     assert {u: d.keep for u, d in dec_m.items()} == {u: d.keep for u, d in dec_s.items()}
     for u, d in dec_m.items():
         assert dec_s[u].loss_without == pytest.approx(d.loss_without, rel=LOSS_REL)
+
+
+@pytest.mark.parametrize("fam", ["gemma2", "gpt2", "phi", "qwen2"])
+def test_other_families_fit_and_check_equal_in_memory(fam: str, tiny_model_dirs: dict[str, Path]) -> None:
+    # Gemma-2 (post-norms, soft-capped logits), GPT-2 (tied head, Conv1D), Phi (parallel
+    # layer: the MLP reads the layer input), Qwen2.
+    fit, heldout = split_tail(_tokens(n=5, t=20), 0.4)
+    plan = {Unit("attn", 0): "bias", Unit("mlp", 1): "lowrank:3", Unit("block", 2): "lowrank:2"}
+    config = EmulationConfig(batch_size=2, show_progress=False)
+    model = load_model(tiny_model_dirs[fam]).model
+    expected = fit_emulators(model, fit, plan, config)
+    streamed = open_streamed(str(tiny_model_dirs[fam]), CHUNKED)
+    got = fit_emulators_streamed(streamed, fit, plan, config)
+    for u in plan:
+        _same_params(expected[u], got[u])
+    _, dec_m = select_emulators(model, expected, heldout, batch_size=2, show_progress=False)
+    _, dec_s = select_emulators_streamed(streamed, got, heldout, batch_size=2, show_progress=False)
+    assert {u: d.keep for u, d in dec_m.items()} == {u: d.keep for u, d in dec_s.items()}
+    for u, d in dec_m.items():
+        assert (dec_s[u].loss_with, dec_s[u].loss_without) == pytest.approx((d.loss_with, d.loss_without), rel=LOSS_REL)
+
+
+def test_spilled_fit_and_check_are_the_same(sharded_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spilled: list[int] = []
+    close = ActivationStore.close
+
+    def record(self: ActivationStore) -> None:
+        spilled.append(self.spilled_bytes)
+        close(self)
+
+    monkeypatch.setattr(ActivationStore, "close", record)
+    fit, heldout = split_tail(_tokens(), 0.3)
+    config = EmulationConfig(batch_size=1, show_progress=False)  # 4 fit batches: more than the budget holds
+    plain = open_streamed(str(sharded_llama), CHUNKED)
+    expected = fit_emulators_streamed(plain, fit, PLAN, config)
+    _, dec_e = select_emulators_streamed(plain, expected, heldout, batch_size=1, show_progress=False)
+    # The smallest budget accepted: one layer plus one batch in and out; everything else spills.
+    budget = plain.weight_bytes() + 2 * 1 * 24 * plain.hidden_size * 4
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    tight = open_streamed(str(sharded_llama), StreamConfig(budget=budget, spill_dir=str(spill), head_chunk=96))
+    spilled.clear()
+    got = fit_emulators_streamed(tight, fit, PLAN, config)
+    for u in PLAN:
+        _same_params(expected[u], got[u])
+    _, dec_g = select_emulators_streamed(tight, got, heldout, batch_size=1, show_progress=False)
+    assert dec_g == dec_e  # the same float ops on the same tensors, read back from disk
+    assert len(spilled) >= 3 and all(b > 0 for b in spilled)  # the fit and both check passes spilled
+    assert list(spill.iterdir()) == []  # the spill folders are gone
