@@ -133,7 +133,10 @@ def _fit_child(args: argparse.Namespace, data: object) -> argparse.Namespace:
         _, decisions = select_emulators(lm.model, fitted, heldout, batch_size=args.samples, show_progress=False)
     else:
         from depthprune.streamed import StreamConfig, open_streamed, parse_bytes
-        from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
+        from depthprune.streamed.recover import (
+            fit_emulators_streamed,
+            select_emulators_streamed,
+        )
 
         budget = parse_bytes(args.stream_budget) if args.stream_budget else None
         streamed = open_streamed(args.model_dir, StreamConfig(budget=budget))

@@ -18,8 +18,16 @@ from depthprune.errors import InputError
 from depthprune.loading import LoadConfig, load_model
 from depthprune.recover.emulate import BiasEmulator, EmulationConfig, fit_emulators
 from depthprune.recover.select import select_emulators, split_tail
-from depthprune.streamed import ActivationStore, LazyCheckpoint, StreamConfig, open_streamed
-from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
+from depthprune.streamed import (
+    ActivationStore,
+    LazyCheckpoint,
+    StreamConfig,
+    open_streamed,
+)
+from depthprune.streamed.recover import (
+    fit_emulators_streamed,
+    select_emulators_streamed,
+)
 from depthprune.units import Unit
 
 # Streamed and in-memory passes run the same modules on the same (B, T, D) batches (the

@@ -379,11 +379,13 @@ def _fit_streamed(load: LoadConfig, table: dict[Unit, str], prune: PruneConfig) 
     Returns:
         The calibration data, the replacements kept, and the held-out decisions.
     """
+    from depthprune.distributed import rank_device
     from depthprune.loading import load_tokenizer_for
     from depthprune.streamed import open_streamed
-    from depthprune.streamed.recover import fit_emulators_streamed, select_emulators_streamed
-
-    from depthprune.distributed import rank_device
+    from depthprune.streamed.recover import (
+        fit_emulators_streamed,
+        select_emulators_streamed,
+    )
 
     device = rank_device(load.device)
     streamed = open_streamed(load.model, prune.stream, dtype=load.dtype, device=device, trust_remote_code=load.trust_remote_code)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.commands import add_model_args, add_output_args, add_stream_args, load_config_from, stream_config_from
+from depthprune.commands import (
+    add_model_args,
+    add_output_args,
+    add_stream_args,
+    load_config_from,
+    stream_config_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -36,7 +36,14 @@ from torch import nn
 
 from depthprune.data import TokenBatches
 from depthprune.errors import InputError
-from depthprune.recover.emulate import EmulationConfig, UpdateCollector, describe, emulate, emulator_from_stats, parse_replace
+from depthprune.recover.emulate import (
+    EmulationConfig,
+    UpdateCollector,
+    describe,
+    emulate,
+    emulator_from_stats,
+    parse_replace,
+)
 from depthprune.recover.select import Decision
 from depthprune.streamed.head import ChunkedLogSumExp
 from depthprune.streamed.runner import Batch, StreamedModel
