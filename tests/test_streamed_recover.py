@@ -201,6 +201,13 @@ def test_cli_prune_stream_refuses_linear(sharded_llama: Path, tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "linear:R is not supported with --stream" in err[0]
     assert not (tmp_path / "o").exists()
+    base = ["prune", str(sharded_llama), "--remove", "attn.2", "--recover", "lowrank:2", "--data", str(text), "--samples", "4",
+            "--seq-len", "16", "--stream", "--quiet", "-o", str(tmp_path / "o")]
+    assert main([*base, "--stream-budget", "1KB"]) == 2  # cannot hold one layer
+    assert "raise --stream-budget" in capsys.readouterr().err
+    assert main([*base, "--stream-budget", "64MB"]) == 0
+    manifest = json.loads((tmp_path / "o" / "depthprune.json").read_text())
+    assert manifest["recover"]["execution"] == "layer-streamed"
 
 
 def test_stories260k_fit_equals_in_memory(stories_lm: Any, stories_dir: Path, shared: Path) -> None:
