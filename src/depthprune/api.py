@@ -93,8 +93,8 @@ class PruneConfig:
             loads it. Both write the same tensors.
         stream: A :class:`~depthprune.streamed.StreamConfig`: fit the emulators and run
             the held-out check layer-streamed from the safetensors checkpoint
-            (:mod:`depthprune.streamed.recover`); ``linear:R`` is refused. The export
-            still loads the model. ``None``: everything in memory.
+            (:mod:`depthprune.streamed.recover`). The export still loads the model
+            unless every emulator is dropped. ``None``: everything in memory.
     """
 
     out: Path
@@ -218,10 +218,6 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     emulated = [f"{u} -> {r}" for u, r in entries if r != "none"]
     if emulated and prune.data is None:
         raise InputError(f"{', '.join(emulated)} must be fitted on calibration data; pass --data (or --recover none)")
-    if prune.stream is not None:
-        from depthprune.streamed.recover import check_stream_recover
-
-        check_stream_recover(table)
     if prune.export_format == "nemotron-nas":
         refuse_emulators(emulated)
         check_family(spec)

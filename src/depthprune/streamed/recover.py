@@ -18,14 +18,18 @@ The same numbers as :func:`~depthprune.recover.emulate.fit_emulators` and
   are evaluated again in a new pass: ``1 + (number of drops before the last unit)`` passes,
   each reading every layer once.
 
-``linear:R`` is refused: its statistics pair a unit's update with the output of an earlier
-writer (possibly several layers back), which the in-memory hooks keep for one batch at a
-time, while a streamed pass runs all batches through a layer before the next.
+``linear:R``: a unit's input is the output of its writer (the last kept path before it, or
+the embeddings), which may run layers earlier. In the fit each batch's writer output is
+kept from the writer's layer until the unit's; in the check it is kept per branch state
+(the branch's units up to the writer's layer) and batch, and put in the emulator's tap
+before the unit's layer runs. A writer in the unit's own layer hands it over during the
+call, as in memory. These tensors are held in memory, not in the spill store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,9 +46,12 @@ from depthprune.recover.emulate import (
     describe,
     emulate,
     emulator_from_stats,
+    linear_writers,
     parse_replace,
 )
+from depthprune.recover.emulators import LinearEmulator
 from depthprune.recover.select import Decision
+from depthprune.stream import Writer
 from depthprune.streamed.head import ChunkedLogSumExp
 from depthprune.streamed.runner import Batch, StreamedModel
 from depthprune.streamed.tasks import _batch_bytes, _logits64
@@ -65,19 +72,6 @@ class Standing:
         return self.unit.index
 
 
-def check_stream_recover(plan: Mapping[Unit, str]) -> None:
-    """Refuse, in one line, the replacements that streamed fitting does not compute.
-
-    Raises:
-        InputError: a ``linear:R`` replacement.
-    """
-    linear = sorted(str(u) for u, r in plan.items() if parse_replace(r)[0] == "linear")
-    if linear:
-        raise InputError(
-            f"linear:R is not supported with --stream ({', '.join(linear)}); use bias or lowrank:R, or drop --stream"
-        )
-
-
 @torch.no_grad()
 def fit_emulators_streamed(
     streamed: StreamedModel,
@@ -87,35 +81,54 @@ def fit_emulators_streamed(
 ) -> dict[Unit, nn.Module | None]:
     """:func:`~depthprune.recover.emulate.fit_emulators` from one streamed pass of the unpruned model.
 
+    A ``linear:R`` unit's input is its writer's output (see :func:`linear_writers`),
+    which may come from an earlier layer: each batch's writer outputs are kept from the
+    writer's layer until the unit's, then handed to the same collector.
+
     Returns:
         Unit -> emulator in the checkpoint's dtype, on its device (``None`` for ``none``).
 
     Raises:
-        InputError: a ``linear:R`` replacement (see :func:`check_stream_recover`).
+        InputError: a linear emulator whose writer runs after it (see :func:`linear_writers`).
     """
     config = config or EmulationConfig()
-    check_stream_recover(plan)
+    layout = streamed.layout
     kinds = {u: parse_replace(r)[0] for u, r in plan.items()}
-    need = {u: k == "lowrank" for u, k in kinds.items() if k != "none"}
-    streamed.layout.check_units(need)
+    need = {u: k in ("lowrank", "linear") for u, k in kinds.items() if k != "none"}
+    layout.check_units(need)
+    writers = linear_writers(layout, plan, [u for u, k in kinds.items() if k == "linear"])
     device = streamed.ckpt.device
     stats = {}
     if need:
-        collector = UpdateCollector(streamed.layout, need, stop_early=False)
+        collector = UpdateCollector(layout, need, stop_early=False)
         # This rank's share of the sequences, as collect_updates takes it (all of them in one process).
         batches = [(ids, mask) for ids, mask in data.rank_share().batches(config.batch_size)]
+        kept: dict[tuple[Writer, int], torch.Tensor] = {}  # (writer, batch) -> its output (B, T, D)
+
+        def keep(writer: Writer, y: torch.Tensor) -> None:
+            kept[(writer, streamed.context[1])] = y  # type: ignore[index]
+            collector._outputs[writer] = y
 
         @contextlib.contextmanager
         def tokens(i: int, b: int, batch: Batch) -> Iterator[None]:
             collector.set_tokens(batch[1].to(device))
+            collector._outputs.clear()
+            collector._outputs.update({w: y for (w, bb), y in kept.items() if bb == b})
             yield
 
-        collector.attach()
+        collector.attach()  # the stream hooks; the writers' are these, which keep every batch's output
+        collector.writers = dict(writers)
+        handles = [
+            layout.stream.on_writer(streamed.model, layout.layers, w, functools.partial(keep, w)) for w in sorted(set(writers.values()))
+        ]
         try:
             with streamed.store(_batch_bytes(streamed, batches)) as store:
                 streamed.run(batches, [], store, on_trunk=tokens, show_progress=config.show_progress, upto=collector.last_layer)
         finally:
             collector.detach()
+            for h in handles:
+                h.remove()
+            kept.clear()
         for unit in sorted(collector.stats):  # sums over ranks under torchrun, in the same order on every rank
             collector.stats[unit].all_reduce_()
         stats = collector.stats
@@ -154,16 +167,46 @@ def heldout_losses_streamed(
         show_progress: Show a progress bar on a terminal.
     """
     batches = [(ids, mask) for ids, mask in heldout.batches(batch_size)]
-    spec, model, device = streamed.ckpt.spec, streamed.model, streamed.ckpt.device
+    spec, model, device, layout = streamed.ckpt.spec, streamed.model, streamed.ckpt.device, streamed.layout
+    linear = [u for u, e in emulators.items() if isinstance(e, LinearEmulator)]
+    writers = linear_writers(layout, emulators, linear)
+    # A linear emulator reads its writer's output. A writer in the unit's own layer hands it
+    # over during the layer's call (install_'s hook); one in an earlier layer ran at that
+    # layer, for the branch's state there: its output is kept per (writer, the branch's
+    # items up to the writer's layer, batch) and put in the emulator's tap before the call.
+    early = sorted({w for u, w in writers.items() if w.layer < u.index})
+    taps: dict[tuple[Writer, frozenset[Standing], int], torch.Tensor] = {}
 
-    def swap(items: list[Standing]) -> contextlib.AbstractContextManager[Any]:
-        return emulate(model, {s.unit: emulators[s.unit] if s.emulated else None for s in items}, spec)
+    def up_to(items: frozenset[Standing], layer: int) -> frozenset[Standing]:
+        return frozenset(s for s in items if s.index <= layer)
+
+    def keep(writer: Writer, y: torch.Tensor) -> None:
+        _, b, items = streamed.context  # type: ignore[misc]
+        taps[(writer, up_to(items, writer.layer), b)] = y
+
+    @contextlib.contextmanager
+    def swap(items: list[Standing]) -> Iterator[None]:
+        _, b, branch = streamed.context  # type: ignore[misc]
+        table = {s.unit: emulators[s.unit] if s.emulated else None for s in items}
+        for unit, e in table.items():
+            if isinstance(e, LinearEmulator) and writers[unit].layer < unit.index:
+                w = writers[unit]
+                e.tap.put(taps[(w, up_to(branch, w.layer), b)])
+        with emulate(model, table, spec):
+            yield
+
+    handles = [layout.stream.on_writer(model, layout.layers, w, functools.partial(keep, w)) for w in early]
 
     wanted = list(dict.fromkeys(branches))
     step = streamed.config.head_rows
     groups = [(b, slice(r, r + step)) for b, (ids, _) in enumerate(batches) for r in range(0, ids.shape[0], step)]
     with streamed.store(_batch_bytes(streamed, batches)) as store:
-        states = streamed.run(batches, wanted, store, show_progress=show_progress, swap=swap)
+        try:
+            states = streamed.run(batches, wanted, store, show_progress=show_progress, swap=swap)
+        finally:
+            for h in handles:
+                h.remove()
+            taps.clear()
         acc = {br: [ChunkedLogSumExp(batches[b][0][rows, 1:].to(device)) for b, rows in groups] for br in wanted}
         with streamed.output_stage():
             for start, chunk in streamed.head_chunks():

@@ -178,6 +178,9 @@ class StreamedModel:
         self.hidden_size = int(embed_in.weight.shape[-1])
         self.layer_reads = 0  # decoder layers read from the checkpoint so far
         self._swap: Callable[[list[Any]], contextlib.AbstractContextManager[Any]] | None = None
+        # What runs now, for hooks: (layer, batch index, the branch's items up to this
+        # layer); layer -1 while the embeddings run.
+        self.context: tuple[int, int, frozenset[Any]] | None = None
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -390,6 +393,7 @@ class StreamedModel:
             self.ckpt.load_(self._in_names)
             try:
                 for b, batch in enumerate(batches):
+                    self.context = (-1, b, frozenset())
                     h0, _ = self._shell(batch, embed=True)
                     store.put((0, b), h0)  # (B, T, D)
             finally:
@@ -417,6 +421,7 @@ class StreamedModel:
                     bar.update()
         finally:
             self.ckpt.free_(self._core_names)
+            self.context = None
         return {br: states[br] for br in wanted}
 
     def _layer_step(
@@ -452,6 +457,7 @@ class StreamedModel:
         args, kwargs = call
         hidden = store.take((sid_in, b))  # (B, T, D)
         for sig_out, sid in outs.items():
+            self.context = (i, b, sig_out)
             here = sorted(u for u in sig_out if u.index == i)
             trunk = on_trunk is not None and not sig_in and not here
             guard = on_trunk(i, b, batch) if trunk else contextlib.nullcontext()
