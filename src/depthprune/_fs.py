@@ -109,7 +109,8 @@ def check_target(
             even with ``--force``, because replacing it would destroy something else.
         models: Models the command reads (folders, ``.gguf`` or other model files, or Hub
             ids, which are skipped). ``out`` may not be, lie inside or hold a model's
-            folder (for a model file, the folder that holds it). Symlinks are resolved.
+            folder; for a model file, ``out`` may not be the file or hold it (a file
+            beside it is fine). Symlinks are resolved.
         inputs: Other files the command reads (a plan, data); ``out`` may not be one, nor,
             for a folder, hold one.
 
@@ -126,10 +127,13 @@ def check_target(
         src = _local(model) if model is not None else None
         if src is None:
             continue
-        folder = src if src.is_dir() else src.parent
-        if _overlaps(resolved, folder):
+        # A model folder is the model: nothing may be added to it. A model file (.gguf,
+        # llama2.c) is only itself: a file beside it is not part of it, but an output over
+        # it, or an output folder that would replace a folder holding it, is refused.
+        hit = _overlaps(resolved, src) if src.is_dir() else (resolved == src or resolved in src.parents)
+        if hit:
             raise InputError(
-                f"refusing to write {str(path)!r}: it is, holds or lies inside the folder of the source model "
+                f"refusing to write {str(path)!r}: it is, holds or lies inside the source model "
                 f"{str(model)!r}, which is never written; choose another output path"
             )
     for item in inputs:

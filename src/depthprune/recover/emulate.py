@@ -274,6 +274,11 @@ def _reduced_rank(s_hh: torch.Tensor, s_hd: torch.Tensor, rank: int, ridge: floa
     fitted = (fitted + fitted.T) / 2
     _, vecs = torch.linalg.eigh(fitted)  # ascending eigenvalues
     V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors  # noqa: N806
+    # An eigenvector's sign is arbitrary and differs between LAPACK and cuSOLVER; A B does
+    # not depend on it, but saved factors should: the largest entry of each column is made
+    # positive, so the same statistics give the same files on every device.
+    pivot = V.gather(0, V.abs().argmax(0, keepdim=True))  # (1, r)
+    V = V * torch.where(pivot < 0, -1.0, 1.0).to(V.dtype)  # noqa: N806
     return W @ V, V.T.contiguous()
 
 
