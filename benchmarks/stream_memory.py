@@ -22,8 +22,15 @@ largest relative difference between the two arms' scores.
 free, and later freed blocks stay in the heap, which inflates the streamed arm's peak
 (which frees each layer) more than the resident one.
 
+With ``--stage fit`` the two arms instead run ``prune --recover``'s closed-form fit of
+``--fit-units`` with ``--recover`` (default ``block.2,block.15`` with ``lowrank:32``) and the
+held-out keep-or-drop check (``fit_emulators`` + ``select_emulators`` in memory,
+``fit_emulators_streamed`` + ``select_emulators_streamed`` streamed), and the parent also
+reports the largest difference of the emulators' tensors (relative to each tensor's largest
+entry) and both arms' decisions.
+
 Prints one JSON line. Usage:
-``python benchmarks/stream_memory.py [--samples 4] [--seq-len 128] [--units block] [--threads 1]``.
+``python benchmarks/stream_memory.py [--samples 4] [--seq-len 128] [--units block] [--threads 1] [--stage fit]``.
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ def child(args: argparse.Namespace) -> None:
     info = CalibrationInfo(str(DATA), int(t["ids"].shape[0]), int(t["ids"].shape[1]), int(t["ids"].numel()), "benchmark", 0, False)
     data = TokenBatches(t["ids"], t["mask"], info)
     config = ScoreConfig(metrics=METRICS, units=tuple(args.units.split(",")), batch_size=args.samples, show_progress=False)
-    if args.child == "memory":
+    if args.stage == "fit":
+        result = _fit_child(args, data)
+    elif args.child == "memory":
         from depthprune.loading import load_model
         from depthprune.score import score
 
@@ -96,8 +105,50 @@ def child(args: argparse.Namespace) -> None:
                 "cpu_s": round(time.process_time() - cpu, 2),
                 "scores": result.scores,
                 "cost": result.cost,
+                **({"decisions": result.decisions} if args.stage == "fit" else {}),
             }
         )
+    )
+
+
+def _fit_child(args: argparse.Namespace, data: object) -> argparse.Namespace:
+    """``prune --recover``'s fit and held-out check; the emulators go to ``args.params``."""
+    from safetensors.torch import save_file
+
+    from depthprune.recover.emulate import EmulationConfig
+    from depthprune.recover.select import split_tail
+    from depthprune.units import parse_units
+
+    plan = {u: args.recover for u in parse_units(args.fit_units.split(","))}
+    fit, heldout = split_tail(data, args.heldout)  # type: ignore[arg-type]
+    config = EmulationConfig(batch_size=args.samples, show_progress=False)
+    cost: dict[str, int] = {}
+    if args.child == "memory":
+        from depthprune.loading import load_model
+        from depthprune.recover.emulate import fit_emulators
+        from depthprune.recover.select import select_emulators
+
+        lm = load_model(args.model_dir, load_tokenizer=False)
+        fitted = fit_emulators(lm.model, fit, plan, config)
+        _, decisions = select_emulators(lm.model, fitted, heldout, batch_size=args.samples, show_progress=False)
+    else:
+        from depthprune.streamed import StreamConfig, open_streamed, parse_bytes
+        from depthprune.streamed.recover import (
+            fit_emulators_streamed,
+            select_emulators_streamed,
+        )
+
+        budget = parse_bytes(args.stream_budget) if args.stream_budget else None
+        streamed = open_streamed(args.model_dir, StreamConfig(budget=budget))
+        fitted = fit_emulators_streamed(streamed, fit, plan, config)
+        _, decisions = select_emulators_streamed(streamed, fitted, heldout, batch_size=args.samples, show_progress=False)
+        cost["stream_layer_reads"] = streamed.layer_reads
+    save_file({f"{u}.{k}": v.contiguous() for u, e in fitted.items() if e is not None for k, v in e.state_dict().items()}, args.params)
+    losses = {str(u): {"with": d.loss_with, "without": d.loss_without} for u, d in decisions.items()}
+    return argparse.Namespace(
+        scores={"heldout_loss_without": {u: v["without"] for u, v in losses.items()}},
+        cost=cost,
+        decisions={str(u): d.keep for u, d in decisions.items()},
     )
 
 
@@ -107,11 +158,23 @@ def run_child(arm: str, args: argparse.Namespace, model_dir: Path, tokens: Path)
            "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--units", args.units, "--threads", str(args.threads)]
     if args.stream_budget:
         cmd += ["--stream-budget", args.stream_budget]
+    if args.stage == "fit":
+        cmd += ["--stage", "fit", "--fit-units", args.fit_units, "--recover", args.recover, "--heldout", str(args.heldout),
+                "--params", str(tokens.parent / f"params-{arm}.safetensors")]
     start = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["process_wall_s"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _params_diff(folder: Path) -> float:
+    """Largest ``|a - b| / max|a|`` over each emulator tensor of the two arms."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(folder / "params-memory.safetensors")), load_file(str(folder / "params-stream.safetensors"))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)) for k in a)
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -131,6 +194,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     p.add_argument("--stream-budget", help="the streamed arm's memory budget, e.g. 64MB (default: none)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=256 << 10, help="bytes, both children; 0 leaves glibc's default")
+    p.add_argument("--stage", choices=("score", "fit"), default="score",
+                   help="score (static metrics + leave-one-out) or fit (prune --recover's emulator fit and held-out check)")
+    p.add_argument("--fit-units", default="block.2,block.15", help="with --stage fit: the removed units")
+    p.add_argument("--recover", default="lowrank:32", help="with --stage fit: their emulator (bias or lowrank:R)")
+    p.add_argument("--heldout", type=float, default=0.25, help="with --stage fit: held-out fraction")
+    p.add_argument("--params", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -156,6 +225,7 @@ def main() -> None:
         load_before = load_average()
         arms = {arm: run_child(arm, args, Path(model_dir), tokens) for arm in ("memory", "stream")}
         load_after = load_average()
+        params_diff = _params_diff(tokens.parent) if args.stage == "fit" else None
     mem, st = arms["memory"], arms["stream"]
     rss_ratio = st["peak_rss_bytes"] / mem["peak_rss_bytes"]
     above = {arm: r["peak_rss_bytes"] - r["rss_after_imports_bytes"] for arm, r in arms.items()}
@@ -187,6 +257,9 @@ def main() -> None:
                 "time_met_wall": wall_ratio <= TIME_TARGET,
                 "time_met_cpu": cpu_ratio <= TIME_TARGET,
                 "max_rel_score_diff": max_rel_diff(mem["scores"], st["scores"]),
+                **({"stage": "fit", "fit_units": args.fit_units, "recover": args.recover, "heldout": args.heldout,
+                    "max_rel_param_diff": params_diff, "decisions": {"memory": mem["decisions"], "stream": st["decisions"]}}
+                   if args.stage == "fit" else {}),
                 "cost": {"memory": mem["cost"], "stream": st["cost"]},
                 "load_average": {"before": load_before, "after": load_after},
             }

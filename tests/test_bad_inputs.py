@@ -88,9 +88,9 @@ def _readonly(w: Path) -> None:
 
 ROWS: list[Row] = [
     # --- class 3: an output in (or around) a model folder or an input the command reads
-    Row("convert-llama2c-out-in-source", "convert-llama2c {L}/stories260K.bin {L}/tok512.bin -o {L}/hf", "source model", needs=("L",)),
+    Row("convert-llama2c-out-holds-source", "convert-llama2c {L}/stories260K.bin {L}/tok512.bin -o {L} --force", "source model", needs=("L",)),
     Row("convert-llama2c-out-is-source", "convert-llama2c {L}/stories260K.bin {L}/tok512.bin -o {L} --force", "source model", needs=("L",)),
-    Row("convert-gguf-out-beside-file", "convert-gguf {G} -o {GD}/hf", "source model"),
+    Row("convert-gguf-out-holds-file", "convert-gguf {G} -o {GD} --force", "source model"),
     Row("convert-gguf-out-is-file", "convert-gguf {G} -o {G} --force", "source model"),
     Row("score-out-in-model", "score {M} --data {D} --samples 2 --seq-len 16 --metrics cosine -o {M}/scores.json", "source model"),
     Row("score-out-is-gguf", "score {G} --data {D} -o {G} --force", "source model"),

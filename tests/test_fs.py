@@ -157,8 +157,14 @@ def test_source_check_resolves_symlinks(tmp_path: Path) -> None:
     gguf = tmp_path / "g" / "m.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(InputError, match="source model"):
-        _fs.check_target(gguf.parent / "scores.json", "file", models=[gguf])
+    # A model file is only itself: the file, or a folder holding it, is refused (through a
+    # link too); a file beside it is not part of the model (`convert-gguf x.gguf -o x-hf`).
+    glink = tmp_path / "glink.gguf"
+    glink.symlink_to(gguf)
+    for out in (gguf, gguf.parent, tmp_path):
+        with pytest.raises(InputError, match="source model"):
+            _fs.check_target(out, models=[glink])
+    _fs.check_target(gguf.parent / "scores.json", "file", models=[gguf])
     _fs.check_target(tmp_path / "elsewhere.json", "file", models=[model, gguf, "org/hub-id"])
 
 

@@ -378,3 +378,20 @@ def test_compare_evaluator_sees_the_model_as_each_method_leaves_it(stories: tupl
         assert row["tasks"]["loss_again"] == pytest.approx(row["loss"], abs=1e-6)
     assert len(seen) == 3  # the unpruned model is evaluated once for both methods' k=0 rows
     assert result.loss("bias", 1) < result.loss("none", 1)
+
+
+def test_lowrank_factors_have_a_canonical_sign() -> None:
+    """Eigenvector signs differ between LAPACK and cuSOLVER; saved factors must not."""
+    from depthprune.recover.emulate import _reduced_rank
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s_hh, s_hd = x.T @ x, x.T @ y
+    A, B = _reduced_rank(s_hh, s_hd, 3, 0.0)  # noqa: N806
+    assert (B.gather(1, B.abs().argmax(1, keepdim=True)) > 0).all()
+    # The product is the reduced-rank fit whatever the signs: compare with a flipped basis.
+    W = torch.linalg.solve(s_hh, s_hd)  # noqa: N806
+    _, vecs = torch.linalg.eigh(s_hd.T @ W)
+    V = -vecs[:, -3:].flip(-1)  # noqa: N806
+    torch.testing.assert_close(A @ B, W @ V @ V.T, rtol=1e-10, atol=1e-10)

@@ -224,7 +224,7 @@ def test_latin1_calibration_file(suffix: str, llama: Path, tmp_path: Path, capsy
         (["score", "m", "--data", "d", "-o", "o", "--samples", "abc"], "argument --samples: invalid int value: 'abc'"),
         (["prune", "m", "--remove", "block.1", "-o", "o", "--bogus"], "unrecognized arguments: --bogus"),
         (["prune", "m", "--remove", "block.1"], "the following arguments are required: -o/--output"),
-        (["prune", "m", "--format", "gguf", "-o", "o"], "invalid choice: 'gguf'"),
+        (["prune", "m", "--format", "onnx", "-o", "o"], "invalid choice: 'onnx'"),
         (["no-such-command"], "invalid choice: 'no-such-command'"),
         (["plan"], "the following arguments are required"),
     ],

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from depthprune.distributed import is_writer
 from depthprune.errors import CheckpointError, DepthPruneError, InputError, OutputExistsError, WriteError
 
 Kind = Literal["file", "dir"]
@@ -108,7 +109,8 @@ def check_target(
             even with ``--force``, because replacing it would destroy something else.
         models: Models the command reads (folders, ``.gguf`` or other model files, or Hub
             ids, which are skipped). ``out`` may not be, lie inside or hold a model's
-            folder (for a model file, the folder that holds it). Symlinks are resolved.
+            folder; for a model file, ``out`` may not be the file or hold it (a file
+            beside it is fine). Symlinks are resolved.
         inputs: Other files the command reads (a plan, data); ``out`` may not be one, nor,
             for a folder, hold one.
 
@@ -125,10 +127,13 @@ def check_target(
         src = _local(model) if model is not None else None
         if src is None:
             continue
-        folder = src if src.is_dir() else src.parent
-        if _overlaps(resolved, folder):
+        # A model folder is the model: nothing may be added to it. A model file (.gguf,
+        # llama2.c) is only itself: a file beside it is not part of it, but an output over
+        # it, or an output folder that would replace a folder holding it, is refused.
+        hit = _overlaps(resolved, src) if src.is_dir() else (resolved == src or resolved in src.parents)
+        if hit:
             raise InputError(
-                f"refusing to write {str(path)!r}: it is, holds or lies inside the folder of the source model "
+                f"refusing to write {str(path)!r}: it is, holds or lies inside the source model "
                 f"{str(model)!r}, which is never written; choose another output path"
             )
     for item in inputs:
@@ -163,7 +168,9 @@ def check_output(
         InputError, WriteError: see :func:`check_target`.
     """
     path = check_target(out, kind, models, inputs)
-    if path.exists() and not force:
+    # Under torchrun rank 0 alone checks: it may already have written ``out`` when a rank
+    # that runs no collective before writing (plan, prune) gets here.
+    if path.exists() and not force and is_writer():
         raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
     return path
 
@@ -292,13 +299,18 @@ def atomic_dir(
 
     The temporary folder is a sibling of ``out`` (one file system, so the final rename is
     atomic). On any error it is removed and ``out`` is left untouched; an ``OSError``
-    becomes a one-line :class:`~depthprune.errors.WriteError`.
+    becomes a one-line :class:`~depthprune.errors.WriteError`. Under torchrun only rank 0
+    writes ``out``: other ranks get a scratch folder that is deleted afterwards.
 
     Raises:
         OutputExistsError: ``out`` exists, or appeared meanwhile, and ``force`` is false.
         InputError, WriteError: see :func:`check_target` and :func:`os_errors`.
     """
     path = check_output(out, force, "dir", models, inputs).absolute()
+    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch folder
+        with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
+            yield Path(scratch)
+        return
     with os_errors(out):
         clean_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
@@ -319,6 +331,10 @@ def atomic_file(
     """Yield a temporary file path (with ``out``'s suffix) that becomes ``out`` only if the
     block succeeds; as :func:`atomic_dir`, for one file."""
     path = check_output(out, force, "file", models, inputs).absolute()
+    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch file
+        with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     with os_errors(out):
         clean_stale(path)
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)

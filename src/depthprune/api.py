@@ -19,6 +19,7 @@ from depthprune.data import (
     context_length,
     load_calibration,
 )
+from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
 from depthprune.gguf_export import check_gguf_family, check_gguf_plan, check_gguf_type
@@ -86,6 +87,14 @@ class PruneConfig:
         force: Replace an existing ``out``.
         dry_run: Do everything except writing ``out``.
         show_progress: Show a progress bar while fitting.
+        rewrite_shards: When nothing is emulated and the format is ``hf``, prune a local
+            safetensors checkpoint by rewriting its shards tensor by tensor, without
+            loading the model (see :mod:`depthprune.shard_prune`); ``False`` always
+            loads it. Both write the same tensors.
+        stream: A :class:`~depthprune.streamed.StreamConfig`: fit the emulators and run
+            the held-out check layer-streamed from the safetensors checkpoint
+            (:mod:`depthprune.streamed.recover`). The export still loads the model
+            unless every emulator is dropped. ``None``: everything in memory.
     """
 
     out: Path
@@ -106,6 +115,8 @@ class PruneConfig:
     force: bool = False
     dry_run: bool = False
     show_progress: bool = True
+    rewrite_shards: bool = True
+    stream: Any = None
 
     def __post_init__(self) -> None:
         # Parse at the boundary: paths become Paths and unit names Units, once.
@@ -134,7 +145,7 @@ class PruneConfig:
             raise InputError(f"text_field {self.text_field!r} is invalid; expected a field name such as text")
         if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
             raise InputError(f"held-out fraction {self.heldout!r} is invalid; expected a number in [0, 1), e.g. 0.2")
-        for name in ("force", "dry_run", "show_progress", "fold"):
+        for name in ("force", "dry_run", "show_progress", "fold", "rewrite_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
         self.emulation()  # checks ridge and batch_size
@@ -217,6 +228,19 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         check_gguf_family(spec, config)
         never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
         check_gguf_plan(removed_paths(table), never_fold)
+    if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources)
+        if rewritten is not None:
+            return rewritten
+    streamed_fit = _fit_streamed(load, table, prune) if prune.stream is not None and emulated else None
+    if streamed_fit is not None and all(e is None for e in streamed_fit[1].values()) and prune.export_format == "hf" and prune.rewrite_shards:
+        # Every emulator lost the held-out check: plain removal, so the shards can be
+        # rewritten without loading the model, as when nothing is emulated.
+        doc = _recovery_doc(streamed_fit[0], table, prune, streamed_fit[2], FoldResult(), "layer-streamed")
+        recover = {"method": "closed_form", "ridge": prune.ridge, **doc}
+        rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources, recover)
+        if rewritten is not None:
+            return rewritten
     loaded = load_model(load)
     params_source = sum(p.numel() for p in loaded.model.parameters())  # before a fold adds biases
     calibration = None
@@ -225,7 +249,10 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         result = prune_(loaded.model, [u for u, _ in entries], loaded.spec)
     else:
         replacements: dict[Unit, Any] = dict.fromkeys(table)
-        if emulated:
+        if streamed_fit is not None:
+            calibration = streamed_fit[0]
+            replacements, recovery = _recover(loaded, calibration, table, prune, streamed_fit[1:])
+        elif emulated:
             calibration = load_calibration(
                 prune.data,  # type: ignore[arg-type]
                 loaded.tokenizer,
@@ -241,17 +268,11 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         else:
             result = to_depthpruned_(loaded.model, replacements, loaded.spec)
     result = dataclasses.replace(result, params_before=params_source)
-    if prune.dry_run:
+    if prune.dry_run or not is_writer():  # under torchrun every rank fits; rank 0 alone writes
         return result
-    manifest = {
-        "source": {"model": load.model, "family": loaded.spec.family, "n_layers": result.n_layers_before},
-        "removed": [str(u) for u in result.removed],
-        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
-        "emulated": {str(u): r for u, r in entries if r != "none"},
-        "recover": None if calibration is None else {"method": "closed_form", "ridge": prune.ridge, **(recovery or {})},
-        "plan": plan_doc,
-        "scores": None,
-    }
+    manifest = _manifest(load, loaded.spec.family, result, entries, plan_doc)
+    if calibration is not None:
+        manifest["recover"] = {"method": "closed_form", "ridge": prune.ridge, **(recovery or {})}
     export(
         loaded.model,
         prune.out,
@@ -266,6 +287,76 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
     return result
 
 
+def _manifest(
+    load: LoadConfig, family: str, result: PruneResult, entries: list[tuple[Unit, str]], plan_doc: Any
+) -> dict[str, Any]:
+    return {
+        "source": {"model": load.model, "family": family, "n_layers": result.n_layers_before},
+        "removed": [str(u) for u in result.removed],
+        "index_map": {"layers": {str(k): v for k, v in result.index_map.items()}},
+        "emulated": {str(u): r for u, r in entries if r != "none"},
+        "recover": None,
+        "plan": plan_doc,
+        "scores": None,
+    }
+
+
+def _prune_on_disk(
+    load: LoadConfig,
+    prune: PruneConfig,
+    config: Any,
+    local: Path | None,
+    spec: Any,
+    table: dict[Unit, str],
+    plan_doc: Any,
+    entries: list[tuple[Unit, str]],
+    sources: dict[str, Any],
+    recover: dict[str, Any] | None = None,
+) -> PruneResult | None:
+    """Prune by rewriting the safetensors shards (see :mod:`depthprune.shard_prune`), or ``None``.
+
+    ``recover``, when given, is the manifest's ``recover`` entry (emulators fitted and all dropped).
+
+    ``None`` means the source is not a local safetensors checkpoint that maps one-to-one
+    onto the model, and the caller loads the model instead.
+    """
+    from depthprune.export import export_rewritten
+    from depthprune.gguf_import import is_gguf_path
+    from depthprune.loading import DTYPES, load_tokenizer_for
+    from depthprune.shard_prune import plan_rewrite
+
+    if local is None or is_gguf_path(load.model):
+        return None
+    plan = plan_rewrite(local, config, spec, dict.fromkeys(table), load.trust_remote_code)
+    if plan is None:
+        return None
+    result: PruneResult = plan.result
+    if prune.dry_run or not is_writer():  # under torchrun, rank 0 alone rewrites the shards
+        return result
+    dtype = None if load.dtype == "auto" else DTYPES[load.dtype]
+    tokenizer = load_tokenizer_for(load.model, local, load.trust_remote_code) if load.load_tokenizer else None
+    export_rewritten(
+        plan,
+        prune.out,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        generation_config=_generation_config(local, plan.skeleton),
+        manifest={**_manifest(load, spec.family, result, entries, plan_doc), **({"recover": recover} if recover else {})},
+        force=prune.force,
+        sources={**sources, "models": [*sources.get("models", ()), local]},
+    )
+    return result
+
+
+def _generation_config(local: Path, skeleton: Any) -> Any | None:
+    """The generation config ``from_pretrained`` would give the model, as ``save_pretrained`` writes it."""
+    from transformers import GenerationConfig
+
+    if (local / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(local))
+    return skeleton.generation_config if skeleton.can_generate() else None
+
+
 def _check_ranks(entries: list[tuple[Unit, str]], config: Any) -> None:
     """Refuse a ``linear:R`` rank above the model's width before anything is loaded."""
     width = getattr(config, "hidden_size", None)
@@ -278,10 +369,55 @@ def _check_ranks(entries: list[tuple[Unit, str]], config: Any) -> None:
             )
 
 
+def _fit_streamed(load: LoadConfig, table: dict[Unit, str], prune: PruneConfig) -> tuple[TokenBatches, dict[Unit, Any], dict[Unit, Any]]:
+    """Fit the emulators of ``table`` and check them on held-out sequences, layer-streamed.
+
+    Returns:
+        The calibration data, the replacements kept, and the held-out decisions.
+    """
+    from depthprune.distributed import rank_device
+    from depthprune.loading import load_tokenizer_for
+    from depthprune.streamed import open_streamed
+    from depthprune.streamed.recover import (
+        fit_emulators_streamed,
+        select_emulators_streamed,
+    )
+
+    device = rank_device(load.device)
+    streamed = open_streamed(load.model, prune.stream, dtype=load.dtype, device=device, trust_remote_code=load.trust_remote_code)
+    tokenizer = load_tokenizer_for(load.model, Path(streamed.ckpt.source), load.trust_remote_code)
+    calibration = load_calibration(
+        prune.data,  # type: ignore[arg-type]
+        tokenizer,
+        n_sequences=prune.n_samples,
+        seq_len=prune.seq_len,
+        seed=prune.seed,
+        max_context=context_length(streamed.model),
+        text_field=prune.text_field,
+    )
+    fit, heldout = split_tail(calibration, prune.heldout)
+    replacements = fit_emulators_streamed(streamed, fit, table, prune.emulation())
+    decisions: dict[Unit, Any] = {}
+    if heldout is not None:
+        replacements, decisions = select_emulators_streamed(streamed, replacements, heldout, prune.batch_size, prune.show_progress)
+    elif prune.heldout > 0:
+        logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
+    logger.info("streamed fit and check read %d decoder layers", streamed.layer_reads)
+    return calibration, replacements, decisions
+
+
 def _recover(
-    loaded: Any, calibration: TokenBatches, table: dict[Unit, str], prune: PruneConfig
+    loaded: Any,
+    calibration: TokenBatches,
+    table: dict[Unit, str],
+    prune: PruneConfig,
+    fitted: tuple[dict[Unit, Any], dict[Unit, Any]] | None = None,
 ) -> tuple[dict[Unit, Any], dict[str, Any]]:
     """Fit, check on held-out sequences, and fold the stand-ins of ``table``.
+
+    Args:
+        fitted: Replacements and decisions already made (by the streamed fit); then only
+            the fold is left.
 
     Returns:
         The replacements to install (``None`` where removal is plain, dropped or folded),
@@ -289,15 +425,32 @@ def _recover(
     """
     model, spec = loaded.model, loaded.spec
     fit, heldout = split_tail(calibration, prune.heldout)
-    replacements = fit_emulators(model, fit, table, prune.emulation(), spec)
-    decisions = {}
-    if heldout is not None:
-        replacements, decisions = select_emulators(model, replacements, heldout, spec, prune.batch_size, prune.show_progress)
-    elif prune.heldout > 0:
-        logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
+    decisions: dict[Unit, Any] = {}
+    if fitted is not None:
+        replacements, decisions = dict(fitted[0]), dict(fitted[1])
+    else:
+        replacements = fit_emulators(model, fit, table, prune.emulation(), spec)
+        if heldout is not None:
+            replacements, decisions = select_emulators(model, replacements, heldout, spec, prune.batch_size, prune.show_progress)
+        elif prune.heldout > 0:
+            logger.warning("only %d calibration sequence(s): no emulator is checked against plain removal", len(calibration))
     folding = FoldResult()
     if prune.fold:
         replacements, folding = fold_(model, replacements, spec)
+    execution = "layer-streamed" if fitted is not None else "in-memory"
+    return replacements, _recovery_doc(calibration, table, prune, decisions, folding, execution)
+
+
+def _recovery_doc(
+    calibration: TokenBatches,
+    table: dict[Unit, str],
+    prune: PruneConfig,
+    decisions: dict[Unit, Any],
+    folding: FoldResult,
+    execution: str,
+) -> dict[str, Any]:
+    """The ``recover`` part of ``depthprune.json`` without method and ridge."""
+    fit, heldout = split_tail(calibration, prune.heldout)
     units: dict[str, Any] = {}
     for unit, replace in sorted(table.items()):
         if replace == "none":
@@ -307,15 +460,15 @@ def _recover(
         if unit in folding.refused and entry["decision"] != "drop":
             entry["fold_refused"] = folding.refused[unit]
         units[str(unit)] = entry
-    recovery = {
+    return {
         "calibration": calibration.info.to_dict(),
         "fit": fit.info.to_dict(),
         "heldout": None if heldout is None else heldout.info.to_dict(),
         "fold": prune.fold,
+        "execution": execution,
         "bias_flags": list(folding.flags),
         "units": units,
     }
-    return replacements, recovery
 
 
 __all__ = ["PruneConfig", "prune_model"]

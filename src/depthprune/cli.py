@@ -14,7 +14,7 @@ import os
 import pkgutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from depthprune import __version__, commands
@@ -95,6 +95,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+@contextlib.contextmanager
+def _rank_stdout(rank: int) -> Iterator[None]:
+    """Under torchrun only rank 0 prints results; other ranks' stdout is discarded."""
+    if rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
+
+
 def _no_kill_on_file_size_limit() -> None:
     """Past a file size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ;
     ignored, the write fails with EFBIG instead, which the writers report in one line."""
@@ -110,10 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"depthprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    from depthprune.distributed import env_world_size, init_from_env
+
+    if env_world_size() > 1:
+        args.quiet = True  # torchrun: ranks run in step; progress bars and logs would repeat
     _setup_logging(args)
     _no_kill_on_file_size_limit()
     try:
-        args.func(args)
+        with init_from_env(getattr(args, "device", None) or "cpu") as world, _rank_stdout(world.rank):
+            args.func(args)
     except DepthPruneError as exc:
         message = " ".join(str(exc).split())
         print(f"depthprune: error: {message}", file=sys.stderr)

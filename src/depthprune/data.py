@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from depthprune.architectures import match_spec
+from depthprune.devices import HOST
 from depthprune.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,22 @@ class TokenBatches:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def rank_share(self) -> TokenBatches:
+        """This torchrun rank's sequences (a contiguous block; all of them without torchrun).
+
+        Raises:
+            InputError: fewer sequences than ranks.
+        """
+        from depthprune.distributed import share, world
+
+        size = world().size
+        if size == 1:
+            return self
+        if len(self) < size:
+            raise InputError(f"{len(self)} calibration sequences cannot be split across {size} ranks; give --samples >= {size}")
+        rows = share(len(self))
+        return TokenBatches(self.input_ids[rows.start : rows.stop], self.attention_mask[rows.start : rows.stop], self.info)
 
 
 def read_utf8(path: Path) -> str:
@@ -228,11 +245,11 @@ def pack(
         chosen = list(range(available))
     else:
         g = torch.Generator().manual_seed(seed)
-        chosen = sorted(torch.randperm(available, generator=g)[:n_sequences].tolist())
-    flat = torch.tensor(stream[: available * body], dtype=torch.long).view(available, body)
+        chosen = sorted(torch.randperm(available, generator=g, device=HOST)[:n_sequences].tolist())
+    flat = torch.tensor(stream[: available * body], dtype=torch.long, device=HOST).view(available, body)
     ids = flat[chosen]
     if bos_id is not None:
-        ids = torch.cat([torch.full((len(chosen), 1), bos_id, dtype=torch.long), ids], dim=1)
+        ids = torch.cat([torch.full((len(chosen), 1), bos_id, dtype=torch.long, device=HOST), ids], dim=1)
     ids = ids.contiguous()
     info = CalibrationInfo(
         source=source,
@@ -243,6 +260,9 @@ def pack(
         seed=seed,
         bos=bos_id is not None,
     )
+    from depthprune.distributed import check_same
+
+    check_same("calibration data", info.sha256)
     return TokenBatches(input_ids=ids, attention_mask=torch.ones_like(ids), info=info)
 
 

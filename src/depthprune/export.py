@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -14,6 +14,9 @@ from depthprune import __version__
 from depthprune._fs import atomic_dir, check_free_disk
 from depthprune.errors import InputError, check_choice
 from depthprune.nemotron_nas import nemotron_nas_config, write_nemotron_nas
+
+if TYPE_CHECKING:
+    from depthprune.shard_prune import RewritePlan
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +121,79 @@ def export(
     depthpruned = is_depthpruned(model) and export_format == "hf"
     with atomic_dir(out_path, force, **sources) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, variant=WEIGHTS_VARIANT if depthpruned else None)
-        if depthpruned:
-            (tmp / "README.md").write_text(_NEEDS_DEPTHPRUNE.format(family=getattr(model.config, "model_type", "")), encoding="utf-8")
-        if nas_config is not None:
-            write_nemotron_nas(tmp, nas_config)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+        _write_beside_weights(tmp, model.config, depthpruned, tokenizer, body, nas_config)
     logger.info("wrote %s", out_path)
     return out_path
 
+
+def _write_beside_weights(
+    tmp: Path,
+    config: Any,
+    depthpruned: bool,
+    tokenizer: Any | None,
+    body: dict[str, Any],
+    nas_config: dict[str, Any] | None = None,
+) -> None:
+    """The files of an export other than weights and config: README, tokenizer, manifest ``body``."""
+    if depthpruned:
+        (tmp / "README.md").write_text(_NEEDS_DEPTHPRUNE.format(family=getattr(config, "model_type", "")), encoding="utf-8")
+    if nas_config is not None:
+        write_nemotron_nas(tmp, nas_config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+
+
+def export_rewritten(
+    plan: RewritePlan,
+    out: str | os.PathLike[str],
+    *,
+    dtype: Any | None = None,
+    tokenizer: Any | None = None,
+    generation_config: Any | None = None,
+    manifest: dict[str, Any] | None = None,
+    force: bool = False,
+    sources: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint pruned on disk (see :mod:`depthprune.shard_prune`) to ``out`` atomically.
+
+    The folder holds what :func:`export` writes for the same model pruned in memory: the
+    same tensors (names, dtypes, bytes), the pruned config, generation config, tokenizer
+    and ``depthprune.json``, with the weights copied shard by shard instead of loaded.
+
+    Args:
+        plan: From :func:`depthprune.shard_prune.plan_rewrite`.
+        out: The output folder.
+        dtype: A torch dtype for floating-point weights, or ``None`` to keep the checkpoint's.
+        tokenizer: Saved beside the model when given.
+        generation_config: Saved beside the model when given.
+        manifest: Extra content of ``depthprune.json``.
+        force: Replace an existing ``out``.
+        sources: ``models`` and ``inputs`` that ``out`` must not overlap (see
+            :func:`depthprune._fs.check_target`).
+
+    Returns:
+        The output folder.
+    """
+    from depthprune.pruned_classes import WEIGHTS_VARIANT
+    from depthprune.shard_prune import write_rewritten
+
+    out_path = Path(out)
+    body = {"depthprune_version": __version__, "format": "hf", **(manifest or {})}
+    check_free_disk(out_path.absolute().parent, plan.output_bytes() + (1 << 20), "write elsewhere with -o")
+    with atomic_dir(out_path, force, **(sources or {})) as tmp:
+        write_rewritten(plan, tmp, dtype, WEIGHTS_VARIANT if plan.depthpruned else None)
+        config = plan.skeleton.config
+        # What save_pretrained records about the model object it saves.
+        config.architectures = [type(plan.skeleton).__name__]
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        _write_beside_weights(tmp, config, plan.depthpruned, tokenizer, body)
+    logger.info("wrote %s without loading the model", out_path)
+    return out_path
 
 def _checkpoint_bytes(model: nn.Module) -> int:
     """An upper estimate of a safetensors checkpoint's size: each tensor once, plus 1 MiB."""

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthprune.architectures import ArchSpec, check_model, spec_for_config
+from depthprune.devices import check_device_map
 from depthprune.errors import (
     DepthPruneError,
     InputError,
@@ -63,6 +64,11 @@ class LoadConfig:
         attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``); ``None``
             lets transformers choose.
         load_tokenizer: Also load the tokenizer; a model without one gets ``None``.
+        device_map: Let accelerate place the model instead of ``device``: ``auto``,
+            ``balanced``, ``balanced_low_0`` or ``sequential`` (across every GPU, then CPU
+            and disk), or a dict from module name to ``"cpu"``, ``"disk"``, a GPU index or
+            a device name, as ``from_pretrained(device_map=...)`` takes it.
+        offload_folder: Where accelerate keeps weights placed on ``"disk"``.
     """
 
     model: str
@@ -71,6 +77,8 @@ class LoadConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     load_tokenizer: bool = True
+    device_map: str | dict[str, str | int] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -81,6 +89,9 @@ class LoadConfig:
             )
         check_choice(self.dtype, DTYPES, "dtype")
         check_device(self.device)
+        check_device_map(self.device_map)
+        if self.offload_folder is not None:
+            object.__setattr__(self, "offload_folder", os.fspath(self.offload_folder))
         for name in ("trust_remote_code", "load_tokenizer"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} {getattr(self, name)!r} is invalid; expected true or false")
@@ -358,15 +369,29 @@ def load_model(model: LoadConfig | str | os.PathLike[str], **options: Any) -> Lo
     load = as_load_config(model, **options)
     name = load.model
     if is_gguf_path(name):
+        if load.device_map is not None:
+            raise InputError(
+                f"a device map needs safetensors weights, and {name!r} is a GGUF file; convert it first "
+                "(depthprune convert-gguf), or use --device"
+            )
         return load_gguf(name, load.dtype, load.device, load.attn_implementation, load.load_tokenizer)
     config, local = load_config(load)
     spec = spec_for_config(config)
     kwargs: dict[str, Any] = {"dtype": DTYPES[load.dtype], "trust_remote_code": load.trust_remote_code}
     if load.attn_implementation:
         kwargs["attn_implementation"] = load.attn_implementation
+    if load.device_map is not None:
+        kwargs["device_map"] = load.device_map
+        if load.offload_folder is not None:
+            kwargs["offload_folder"] = load.offload_folder
     hf_model = from_pretrained_checked(str(local or name), name, config=config, **kwargs)
-    hf_model.to(load.device).eval()
+    if load.device_map is None:
+        hf_model.to(load.device)
+    hf_model.eval()
     check_model(hf_model, spec)
+    from depthprune.distributed import check_same
+
+    check_same("model", f"{name}|{sum(p.numel() for p in hf_model.parameters())}|{hf_model.config.to_json_string()}")
     tokenizer = load_tokenizer_for(name, local, load.trust_remote_code) if load.load_tokenizer else None
     return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=name, local_dir=local)
 

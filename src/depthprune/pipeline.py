@@ -29,6 +29,7 @@ from torch import nn
 from depthprune._fs import check_target, make_dir, write_json_atomic
 from depthprune.api import PruneConfig, prune_model
 from depthprune.architectures import num_layers
+from depthprune.devices import input_device
 from depthprune.errors import InputError
 from depthprune.loading import LoadConfig, load_model
 from depthprune.recipe import Recipe, settings_hash
@@ -45,7 +46,7 @@ def kv_cache_bytes_per_token(model: nn.Module, n_tokens: int = 16) -> float:
 
     ids = torch.arange(3, 3 + n_tokens).unsqueeze(0) % model.config.vocab_size
     cache = DynamicCache(config=model.config)
-    model(ids.to(next(model.parameters()).device), cache=cache, use_cache=True)
+    model(ids.to(input_device(model)), cache=cache, use_cache=True)
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -143,13 +143,14 @@ def measure_speed(
     import torch
 
     from depthprune.data import context_length
+    from depthprune.devices import input_device
 
     config = config or SpeedConfig()
     limit = min((context_length(m) or 1 << 30) for m in models.values())
     n_prompt = max(1, min(config.prompt_tokens, limit - config.new_tokens))
     prompt = torch.tensor([_prompt(tokenizer, n_prompt)])  # (1, P)
     if timer is None:
-        timer = lambda model, ids, new: _time_once(model, ids.to(next(model.parameters()).device), new)  # noqa: E731
+        timer = lambda model, ids, new: _time_once(model, ids.to(input_device(model)), new)  # noqa: E731
 
     names = list(models)
     out: dict[str, dict[str, Any]] = {

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from depthprune.loading import LoadConfig
-    from depthprune.streamed import StreamedModel
+    from depthprune.streamed import StreamConfig, StreamedModel
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,15 +32,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument(
+        "--device-map",
+        metavar="auto|balanced|sequential|JSON",
+        help="let accelerate place the model across GPUs, CPU and disk instead of --device: a strategy, "
+        'or a JSON object (inline or a file) such as {"model.layers.0": 0, "model.layers.1": "cpu", ...}',
+    )
+    p.add_argument("--offload-folder", help="folder for weights the device map puts on disk")
+    p.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from the model repository to run (off by default)"
     )
 
 
 def load_config_from(args: argparse.Namespace) -> LoadConfig:
     """The :class:`~depthprune.loading.LoadConfig` of the flags added by :func:`add_model_args`."""
+    from depthprune.devices import parse_device_map
+    from depthprune.distributed import rank_device
     from depthprune.loading import LoadConfig
 
-    return LoadConfig(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return LoadConfig(
+        args.model,
+        dtype=args.dtype,
+        device=rank_device(args.device),
+        trust_remote_code=args.trust_remote_code,
+        device_map=parse_device_map(getattr(args, "device_map", None)),
+        offload_folder=getattr(args, "offload_folder", None),
+    )
 
 
 def add_output_args(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
@@ -67,8 +83,17 @@ def add_stream_args(p: argparse.ArgumentParser, covers: str = "") -> None:
 
 def streamed_from(args: argparse.Namespace) -> StreamedModel:
     """The :class:`~depthprune.streamed.StreamedModel` of the model and stream flags."""
-    from depthprune.streamed import StreamConfig, open_streamed, parse_bytes
+    from depthprune.distributed import rank_device
+    from depthprune.streamed import open_streamed
+
+    config = stream_config_from(args)
+    device = rank_device(args.device)
+    return open_streamed(args.model, config, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+
+
+def stream_config_from(args: argparse.Namespace) -> StreamConfig:
+    """The :class:`~depthprune.streamed.StreamConfig` of the stream flags."""
+    from depthprune.streamed import StreamConfig, parse_bytes
 
     budget = parse_bytes(args.stream_budget) if args.stream_budget else None
-    config = StreamConfig(budget=budget, spill_dir=args.stream_spill_dir)
-    return open_streamed(args.model, config, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return StreamConfig(budget=budget, spill_dir=args.stream_spill_dir)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.commands import add_model_args, add_output_args, load_config_from
+from depthprune.commands import (
+    add_model_args,
+    add_output_args,
+    add_stream_args,
+    load_config_from,
+    stream_config_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="f32|f16|bf16",
         help="type of the weight matrices in a --format gguf export (default: f32; norms stay f32)",
     )
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the model to prune it even when its safetensors shards could be rewritten on disk "
+        "(the default for --format hf when nothing is emulated; both write the same tensors)",
+    )
+    add_stream_args(p)
     add_output_args(p, "output folder (a .gguf file with --format gguf)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed and write nothing")
     p.set_defaults(func=_run_prune)
@@ -82,7 +95,9 @@ def _run_prune(args: argparse.Namespace) -> None:
         gguf_type=args.gguf_type,
         force=args.force,
         dry_run=args.dry_run,
+        rewrite_shards=not args.in_memory,
         show_progress=not args.quiet,
+        stream=stream_config_from(args) if args.stream else None,
     )
     result = prune_model(load_config_from(args), prune)
     verb = "would remove" if args.dry_run else "removed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthprune.commands import add_model_args, add_output_args
+from depthprune.commands import add_model_args, add_output_args, load_config_from
 
 
 def _csv(text: str | None) -> tuple[str, ...]:
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> None:
         units = [u for u, _ in plan_units(plan, n_layers, where=f"plan file {args.plan!r}")]
     else:
         units = parse_unit_list(args.remove, n_layers)  # the ranking keeps the order given
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(load_config_from(args))
     data = load_calibration(
         args.data,
         loaded.tokenizer,

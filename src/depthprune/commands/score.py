@@ -8,6 +8,7 @@ from depthprune.commands import (
     add_model_args,
     add_output_args,
     add_stream_args,
+    load_config_from,
     streamed_from,
 )
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
 
     from depthprune._fs import check_output, check_target
     from depthprune.data import context_length, load_calibration
+    from depthprune.distributed import is_writer
     from depthprune.loading import load_model
     from depthprune.report import plot_heatmap, scores_table
     from depthprune.score import ScoreConfig, score, write_scores
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         streamed = streamed_from(args)
         model, tokenizer = streamed.model, load_tokenizer_for(args.model, Path(streamed.ckpt.source), args.trust_remote_code)
     else:
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        loaded = load_model(load_config_from(args))
         model, tokenizer = loaded.model, loaded.tokenizer
     data = load_calibration(
         args.data,
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         result = score(loaded.model, data, config, spec=loaded.spec, model_name=args.model, tokenizer=loaded.tokenizer)
     write_scores(result, args.output, force=args.force)
     doc = result.to_dict()
-    if args.plot:
+    if args.plot and is_writer():
         plot_heatmap(doc, args.plot)
     if not args.quiet:
         Console(stderr=False).print(scores_table(doc))

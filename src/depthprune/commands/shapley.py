@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from depthprune.commands import add_model_args, add_output_args, add_stream_args
+from depthprune.commands import (
+    add_model_args,
+    add_output_args,
+    add_stream_args,
+    load_config_from,
+)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -103,7 +108,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         loaded = streamed_from(args)
         tokenizer = load_tokenizer_for(args.model, Path(loaded.ckpt.source), args.trust_remote_code)
     else:
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        loaded = load_model(load_config_from(args))
         tokenizer = loaded.tokenizer
     context = context_length(loaded.model)
     data = None

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
     from torch import nn
 
     from depthprune._fs import check_target, os_errors
-    from depthprune.commands import streamed_from
+    from depthprune.commands import load_config_from, streamed_from
+    from depthprune.distributed import is_writer
     from depthprune.errors import InputError
     from depthprune.evaluate import TASKS, evaluate, parse_task, task_score
     from depthprune.loading import load_model, load_tokenizer_for
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
 
         run_sweep = functools.partial(sweep, model, scores, config, evaluate_points=evaluate_points)
     else:
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        loaded = load_model(load_config_from(args))
 
         def evaluator(model: nn.Module) -> dict[str, dict[str, Any]]:
             return headline(evaluate(model, loaded.tokenizer, tasks, batch_size=args.batch_size, show_progress=False)["tasks"])
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
         with os_errors(args.output):
             (Path(args.output) / "sweep.json").unlink()
     result = run_sweep(out_dir=args.output, model_name=args.model)
-    pngs = plot_sweep(result, args.output, tasks)
+    pngs = plot_sweep(result, args.output, tasks) if is_writer() else []
     for kind, metric in result.lines():
         for task in tasks:
             curve = ", ".join(f"{v:.4g}" for v in result.curve(kind, metric, task))

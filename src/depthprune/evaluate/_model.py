@@ -10,10 +10,10 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """The device the model's inputs go to (see :func:`depthprune.devices.input_device`)."""
+    from depthprune.devices import input_device
+
+    return input_device(model)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -28,10 +28,12 @@ def pad_id_of(tokenizer: Any) -> int:
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows into ``(ids, mask)``, both ``(B, T)`` int64, 1 = real token."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    from depthprune.devices import HOST
+
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=HOST)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=HOST)  # (B, T)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=HOST)
         mask[i, : len(row)] = 1
     return ids, mask
 

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthprune.data import DEFAULT_SEQ_LEN, context_length, read_texts, tokenizer_adds_bos
+from depthprune.data import (
+    DEFAULT_SEQ_LEN,
+    context_length,
+    read_texts,
+    tokenizer_adds_bos,
+)
+from depthprune.devices import HOST
+from depthprune.distributed import all_reduce_sum, strided
 from depthprune.errors import InputError, check_choice
 from depthprune.evaluate._model import logits_at, model_device, pad_id_of, right_pad
 from depthprune.progress import counter
@@ -241,9 +248,10 @@ class WindowBatch:
         ids, mask = right_pad(rows, pad_id)  # (B, T)
         k = max(w.n_scored for w in windows)
         # Row index of the logit that predicts the token at stream position p is p - start + offset - 1.
-        first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows])  # (B,)
-        positions = first[:, None] + torch.arange(k)[None, :]  # (B, K)
-        valid = torch.arange(k)[None, :] < torch.tensor([w.n_scored for w in windows])[:, None]  # (B, K)
+        first = torch.tensor([w.score_from - w.start + offset - 1 for w in windows], device=HOST)  # (B,)
+        steps = torch.arange(k, device=HOST)[None, :]  # (1, K)
+        positions = first[:, None] + steps  # (B, K)
+        valid = steps < torch.tensor([w.n_scored for w in windows], device=HOST)[:, None]  # (B, K)
         positions = torch.where(valid, positions, first[:, None])
         targets = torch.take_along_dim(ids, positions + 1, dim=1)  # (B, K)
         return cls(ids, mask, positions, targets, tuple(w.n_scored for w in windows))
@@ -324,14 +332,17 @@ def perplexity(
         for b in range(0, len(order), config.batch_size)
     ]
     n = sum(sum(b.n_scored) for b in batches)
+    mine = [batches[k] for k in strided(len(batches))]  # under torchrun, every size-th batch
     if score_batches is not None:
-        total = score_batches(batches)
+        total = score_batches(mine)
     else:
         total = 0.0
-        with counter(len(windows), "perplexity", disable=not config.show_progress) as bar:
-            for batch in batches:
+        with counter(sum(len(b.n_scored) for b in mine), "perplexity", disable=not config.show_progress) as bar:
+            for batch in mine:
                 total += _window_nll(model, batch)
                 bar.update(len(batch.n_scored))
+    (total_all,) = all_reduce_sum([total])  # NLL sums over ranks, never means; n counts every window
+    total = float(total_all)
     nll = total / n
     protocol = {
         "mode": "windows" if stride == (seq_len - 1 if window_bos else seq_len) else "sliding",

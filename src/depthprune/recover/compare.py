@@ -37,6 +37,7 @@ from depthprune import __version__
 from depthprune._fs import atomic_file, check_output, write_json_atomic
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
 from depthprune.errors import InputError
 from depthprune.progress import counter
 from depthprune.recover.emulate import (
@@ -208,7 +209,7 @@ def subset(data: TokenBatches, idx: torch.Tensor, part: str) -> TokenBatches:
 @torch.no_grad()
 def heldout_loss(model: nn.Module, data: TokenBatches, batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood over the real tokens of ``data``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for ids, mask in data.batches(batch_size):
         ids, mask = ids.to(device), mask.to(device)
@@ -276,13 +277,12 @@ def compare_recovery(
         stats = collect_updates(model, fit_data, need, spec=layout.spec, batch_size=bs, show_progress=config.show_progress)
     result.fit_seconds = time.perf_counter() - start
     dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
     cache: dict[tuple[Unit, str], nn.Module | None] = {}
 
     def stand_in(unit: Unit, method: str) -> nn.Module | None:
         if (unit, method) not in cache:
             e = emulator_from_stats(stats[unit], method, config.ridge, dtype) if method != "none" else None
-            cache[unit, method] = e.to(device) if e is not None else None
+            cache[unit, method] = e  # on its layer's device, where its statistics were gathered
         return cache[unit, method]
 
     unpruned: dict[str, Any] = {}

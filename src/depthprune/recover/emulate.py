@@ -39,6 +39,8 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
+from depthprune.devices import HOST, input_device
+from depthprune.distributed import all_reduce_sum, world
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.recover.emulators import (
@@ -135,6 +137,63 @@ class UpdateStats:
             self.sum_hd.addmm_(hc.T, dc)
         self.n += int(h.shape[0])
 
+    def recentred(self, shift_h: torch.Tensor, shift_d: torch.Tensor) -> UpdateStats:
+        """The same statistics with their sums taken around other shifts (exact algebra).
+
+        With ``e = old - new`` shift: ``sum(x - new) = S + n e`` and
+        ``sum((h - new_h)(d - new_d)^T) = S_hd + S_h e_d^T + e_h S_d^T + n e_h e_d^T``.
+        Statistics with no rows get zero sums.
+        """
+        dim, n = self.dim, float(self.n)
+        zeros = torch.zeros(dim, dtype=torch.float64, device=shift_d.device)
+        old_d = self.shift_d if self.shift_d is not None else shift_d
+        e_d = old_d - shift_d
+        sum_d = self.sum_d if self.sum_d is not None else zeros
+        out = UpdateStats(dim, self.second_moments, self.n, shift_d=shift_d, sum_d=sum_d + n * e_d)
+        if self.second_moments:
+            old_h = self.shift_h if self.shift_h is not None else shift_h
+            e_h = old_h - shift_h
+            sum_h = self.sum_h if self.sum_h is not None else zeros
+            square = torch.zeros(dim, dim, dtype=torch.float64, device=shift_d.device)
+            sum_hh = self.sum_hh if self.sum_hh is not None else square
+            sum_hd = self.sum_hd if self.sum_hd is not None else square
+            out.shift_h = shift_h
+            out.sum_h = sum_h + n * e_h
+            out.sum_hh = sum_hh + torch.outer(sum_h, e_h) + torch.outer(e_h, sum_h) + n * torch.outer(e_h, e_h)
+            out.sum_hd = sum_hd + torch.outer(sum_h, e_d) + torch.outer(e_h, sum_d) + n * torch.outer(e_h, e_d)
+        return out
+
+    def all_reduce_(self) -> None:
+        """Sum these statistics over torchrun ranks in place (nothing without torchrun).
+
+        Each rank's sums are taken around its own shift, so they are first moved to a
+        common one (the token-weighted mean of the ranks' shifts) by :meth:`recentred`;
+        then sums and counts are added. Every rank must call this for the same units in
+        the same order.
+        """
+        if world().size == 1:
+            return
+        n = float(self.n)
+        zeros = torch.zeros(self.dim, dtype=torch.float64, device=self._device())
+        s_d = self.shift_d if self.shift_d is not None else zeros
+        s_h = self.shift_h if self.shift_h is not None else zeros
+        total, weighted_d, weighted_h = all_reduce_sum([n, n * s_d, n * s_h])
+        if total.item() == 0:
+            return
+        common = self.recentred(weighted_h / total.item(), weighted_d / total.item())
+        names = ["sum_d", *(["sum_h", "sum_hh", "sum_hd"] if self.second_moments else [])]
+        reduced = all_reduce_sum([getattr(common, name) for name in names])
+        self.n = round(total.item())
+        self.shift_d, self.shift_h = common.shift_d, common.shift_h if self.second_moments else None
+        for name, value in zip(names, reduced, strict=True):
+            setattr(self, name, value)
+
+    def _device(self) -> torch.device:
+        for t in (self.shift_d, self.shift_h):
+            if t is not None:
+                return t.device
+        return HOST  # no tokens reached this unit here: the sums are zeros, moved to the comm device
+
     def _check(self, what: str) -> None:
         if self.n == 0:
             raise InputError(f"no calibration tokens reached this unit, so its {what} cannot be fitted; give more data")
@@ -215,6 +274,11 @@ def _reduced_rank(s_hh: torch.Tensor, s_hd: torch.Tensor, rank: int, ridge: floa
     fitted = (fitted + fitted.T) / 2
     _, vecs = torch.linalg.eigh(fitted)  # ascending eigenvalues
     V = vecs[:, -rank:].flip(-1)  # (D, r) top right singular vectors  # noqa: N806
+    # An eigenvector's sign is arbitrary and differs between LAPACK and cuSOLVER; A B does
+    # not depend on it, but saved factors should: the largest entry of each column is made
+    # positive, so the same statistics give the same files on every device.
+    pivot = V.gather(0, V.abs().argmax(0, keepdim=True))  # (1, r)
+    V = V * torch.where(pivot < 0, -1.0, 1.0).to(V.dtype)  # noqa: N806
     return W @ V, V.T.contiguous()
 
 
@@ -318,7 +382,8 @@ class UpdateCollector:
         if bool(mask.all()):
             self._select = lambda x: x.reshape(-1, x.shape[-1])
         else:
-            self._select = lambda x: x[mask]
+            # Under a device map the layers sit on several GPUs: index where x lives.
+            self._select = lambda x: x[mask.to(x.device)]
 
     def _add(self, unit: Unit, h: torch.Tensor, dh: torch.Tensor) -> None:
         if not bool(torch.isfinite(dh).all()):
@@ -356,15 +421,17 @@ def collect_updates(
     wanted = dict(units) if isinstance(units, Mapping) else {u: True for u in units}
     layout.check_units(wanted)
     collector = UpdateCollector(layout, wanted, dict(writers or {}))
-    device = next(model.parameters()).device
+    device = input_device(model)
     collector.attach()
     try:
-        for ids, mask in progress(list(data.batches(batch_size)), desc="fit emulators", disable=not show_progress):
+        for ids, mask in progress(list(data.rank_share().batches(batch_size)), desc="fit emulators", disable=not show_progress):
             collector.set_tokens(mask.to(device))
             with contextlib.suppress(_StopForward):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
     finally:
         collector.detach()
+    for unit in sorted(collector.stats):  # the same order on every rank
+        collector.stats[unit].all_reduce_()
     return collector.stats
 
 
@@ -451,7 +518,8 @@ def fit_emulators(
     out: dict[Unit, nn.Module | None] = {}
     for unit, replace in entries.items():
         emulator = emulator_from_stats(stats[unit], replace, config.ridge, param.dtype) if unit in stats else None
-        out[unit] = emulator.to(param.device) if emulator is not None else None
+        # Built from statistics on the device its layer runs on (one of several under a device map).
+        out[unit] = emulator
     logger.info("fitted %d emulators on %d tokens", sum(e is not None for e in out.values()), data.info.n_tokens)
     return out
 

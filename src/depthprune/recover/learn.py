@@ -29,6 +29,7 @@ from torch import nn
 
 from depthprune.architectures import ArchSpec
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
 from depthprune.errors import InputError, check_choice
 from depthprune.progress import counter
 from depthprune.recover.emulate import BiasEmulator, LowRankEmulator, emulate
@@ -149,7 +150,7 @@ def _train(
     if len(data) == 0:
         raise InputError("no training sequences; give more calibration data")
     steps = config.n_steps(int(data.input_ids.shape[1]))
-    device = params[0].device if params else next(model.parameters()).device
+    device = params[0].device if params else input_device(model)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
@@ -211,7 +212,7 @@ def train_emulators(
     if config.method not in ("bias", "lowrank"):
         raise InputError(f"train_emulators trains bias or lowrank emulators, not {config.method!r}; use lora_recovery")
     layout = ModelLayout.of(model, spec)
-    device = next(model.parameters()).device
+    device = input_device(model)
     dim = int(model.config.hidden_size)
     torch.manual_seed(config.seed)
     emulators = {u: init_learned(config.method, dim, config.rank, device) for u in sorted(set(units))}

@@ -45,7 +45,7 @@ def split_tail(data: TokenBatches, fraction: float) -> tuple[TokenBatches, Token
     if k == 0 or n < 2:
         return data, None
     k = min(k, n - 1)
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=data.input_ids.device)  # indexes the token tensors where they are
     return subset(data, idx[: n - k], "fit"), subset(data, idx[n - k :], "heldout")
 
 

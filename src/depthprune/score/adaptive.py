@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
+from depthprune.distributed import all_reduce_sum
 from depthprune.progress import counter
-from depthprune.score.static import NonFiniteError, RunningStats
+from depthprune.score.static import NonFiniteError, RunningStats, all_reduce_stats
 from depthprune.stream import hidden_arg, on_layer_input, with_hidden_arg
 from depthprune.units import ModelLayout, Unit, mask_units
 
@@ -171,6 +173,8 @@ class NextTokenTargets:
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: torch.Tensor) -> NextTokenTargets:
+        # Under a device map the logits come from the last GPU's head: compare them there.
+        input_ids, attention_mask = input_ids.to(logits.device), attention_mask.to(logits.device)
         valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
         return cls(input_ids[:, 1:], valid, F.log_softmax(logits[:, :-1].float(), dim=-1))
 
@@ -218,13 +222,14 @@ def leave_one_out(
     units = list(units)
     metrics = list(metrics)
     runner = PrefixRunner(layout)
-    device = next(layout.model.parameters()).device
+    device = input_device(layout.model)
     stats: dict[tuple[str, Unit], RunningStats] = {}
-    batches = list(data.batches(batch_size))
+    batches = list(data.rank_share().batches(batch_size))
     with counter(len(batches) * len(units), desc="leave-one-out", disable=not show_progress) as bar:
         for ids, mask in batches:
             _loo_batch(runner, ids.to(device), mask.to(device), units, metrics, stats, bar)
-    return stats, runner.layer_evals
+    (evals,) = all_reduce_sum([runner.layer_evals])
+    return all_reduce_stats(stats), round(float(evals))
 
 
 def loo_reference(ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> tuple[NextTokenTargets, torch.Tensor]:

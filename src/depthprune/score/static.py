@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from depthprune.data import TokenBatches
+from depthprune.devices import input_device
+from depthprune.distributed import all_reduce_sum, check_same, world
 from depthprune.errors import InputError
 from depthprune.progress import progress
 from depthprune.score.registry import Metric, TokenPieces
@@ -62,6 +64,19 @@ class RunningStats:
             return float("nan")
         var = max(self.total_sq - self.count * self.mean**2, 0.0) / (self.count - 1)
         return (var / self.count) ** 0.5
+
+
+def all_reduce_stats(stats: dict[Any, RunningStats]) -> dict[Any, RunningStats]:
+    """``stats`` summed over torchrun ranks (itself without torchrun); every rank gets the totals."""
+    if world().size == 1:
+        return stats
+    keys = sorted(stats, key=repr)
+    check_same("statistics collected", "|".join(map(repr, keys)))
+    sums = all_reduce_sum([x for k in keys for x in (stats[k].total, stats[k].total_sq, stats[k].count)])
+    return {
+        k: RunningStats(float(sums[3 * i]), float(sums[3 * i + 1]), round(float(sums[3 * i + 2])))
+        for i, k in enumerate(keys)
+    }
 
 
 def _sum64(x: torch.Tensor) -> torch.Tensor:
@@ -144,12 +159,13 @@ class StaticCollector:
         mask = attention_mask.bool()
         if self.last_token_only:
             last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # (B,) last real position
-            rows = torch.arange(mask.shape[0])
-            self._select = lambda h: h[rows, last]
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            # Under a device map the layers sit on several GPUs: index where h lives.
+            self._select = lambda h: h[rows.to(h.device), last.to(h.device)]
         elif bool(mask.all()):
             self._select = lambda h: h.reshape(-1, h.shape[-1])
         else:
-            self._select = lambda h: h[mask]
+            self._select = lambda h: h[mask.to(h.device)]
 
     def _add(self, unit: Unit, h_in: torch.Tensor, h_out: torch.Tensor, delta: torch.Tensor) -> None:
         pieces = token_pieces(h_in, h_out, delta, self._need_l1)
@@ -199,12 +215,12 @@ def collect_static(
     """
     collector = StaticCollector(layout, list(units), metrics, last_token_only, span)
     model = layout.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     collector.attach()
     try:
-        for ids, mask in progress(list(data.batches(batch_size)), desc="static metrics", disable=not show_progress):
+        for ids, mask in progress(list(data.rank_share().batches(batch_size)), desc="static metrics", disable=not show_progress):
             collector.set_tokens(mask.to(device))
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
     finally:
         collector.detach()
-    return collector.stats
+    return all_reduce_stats(collector.stats)

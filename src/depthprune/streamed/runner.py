@@ -177,6 +177,10 @@ class StreamedModel:
         self._core_names = [n for n, _ in self.model.named_parameters(remove_duplicate=False) if n not in layer_set and n not in edge]
         self.hidden_size = int(embed_in.weight.shape[-1])
         self.layer_reads = 0  # decoder layers read from the checkpoint so far
+        self._swap: Callable[[list[Any]], contextlib.AbstractContextManager[Any]] | None = None
+        # What runs now, for hooks: (layer, batch index, the branch's items up to this
+        # layer); layer -1 while the embeddings run.
+        self.context: tuple[int, int, frozenset[Any]] | None = None
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -352,6 +356,9 @@ class StreamedModel:
         store: ActivationStore,
         on_trunk: Callable[[int, int, Batch], contextlib.AbstractContextManager[Any]] | None = None,
         show_progress: bool = True,
+        *,
+        swap: Callable[[list[Any]], contextlib.AbstractContextManager[Any]] | None = None,
+        upto: int | None = None,
     ) -> dict[Branch, int]:
         """Run every batch of every branch through all layers, each layer read once.
 
@@ -365,11 +372,19 @@ class StreamedModel:
                 model's run of a layer on a batch (e.g. to attach metric hooks); the
                 full model (the empty branch) runs at every layer when it is given.
             show_progress: Show a progress bar on a terminal.
+            swap: Instead of masking: called as ``swap(items)`` with the items of a branch
+                at the current layer, a context manager that puts them in place (e.g.
+                emulators, :func:`depthprune.recover.emulate.emulate`). A branch's items
+                then need only an ``index`` (their layer) and to sort among themselves;
+                ones with a ``unit`` attribute are checked as that unit.
+            upto: Stop after this layer (default: the last); the store then holds each
+                branch's output of layer ``upto``.
 
         Returns:
             Branch -> its state id in ``store``.
         """
-        self.layout.check_units(u for b in branches for u in b)
+        self.layout.check_units(getattr(u, "unit", u) for b in branches for u in b)
+        self._swap = swap
         wanted = list(dict.fromkeys(branches))
         if on_trunk is not None and frozenset() not in wanted:
             wanted.append(frozenset())
@@ -378,14 +393,16 @@ class StreamedModel:
             self.ckpt.load_(self._in_names)
             try:
                 for b, batch in enumerate(batches):
+                    self.context = (-1, b, frozenset())
                     h0, _ = self._shell(batch, embed=True)
                     store.put((0, b), h0)  # (B, T, D)
             finally:
                 self.ckpt.free_(self._in_names)
             states: dict[Branch, int] = {frozenset(): 0}
             next_id = 1
-            with counter(self.n_layers, "streamed layers", disable=not show_progress) as bar:
-                for i in range(self.n_layers):
+            n_run = self.n_layers if upto is None else min(upto + 1, self.n_layers)
+            with counter(n_run, "streamed layers", disable=not show_progress) as bar:
+                for i in range(n_run):
                     groups: dict[Branch, dict[Branch, int]] = {}
                     for br in wanted:
                         sig_in = frozenset(u for u in br if u.index < i)
@@ -404,6 +421,7 @@ class StreamedModel:
                     bar.update()
         finally:
             self.ckpt.free_(self._core_names)
+            self.context = None
         return {br: states[br] for br in wanted}
 
     def _layer_step(
@@ -439,10 +457,16 @@ class StreamedModel:
         args, kwargs = call
         hidden = store.take((sid_in, b))  # (B, T, D)
         for sig_out, sid in outs.items():
+            self.context = (i, b, sig_out)
             here = sorted(u for u in sig_out if u.index == i)
             trunk = on_trunk is not None and not sig_in and not here
             guard = on_trunk(i, b, batch) if trunk else contextlib.nullcontext()
-            masking = mask_units(self.model, here, self.ckpt.spec) if here else contextlib.nullcontext()
+            if not here:
+                masking: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            elif self._swap is not None:
+                masking = self._swap(here)
+            else:
+                masking = mask_units(self.model, here, self.ckpt.spec)
             a, k = with_hidden_arg(args, kwargs, hidden)
             with guard, masking:
                 out = layer(*a, **k)

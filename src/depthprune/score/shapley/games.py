@@ -25,6 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from depthprune.devices import input_device
+from depthprune.distributed import all_reduce_sum, strided
 from depthprune.errors import InputError
 from depthprune.score.adaptive import PrefixRunner
 from depthprune.score.static import NonFiniteError
@@ -199,15 +201,19 @@ class ModelGame(Game[Unit]):
             layer, bits = _pattern_bits(u)
             base[layer] |= bits
         self._base = tuple(base)
-        device = next(layout.model.parameters()).device
-        self._batches = [(ids.to(device), mask.to(device)) for ids, mask in value.batches(batch_size)]
-        self._n_sequences = sum(int(ids.shape[0]) for ids, _ in self._batches)
+        device = input_device(layout.model)
+        batches = value.batches(batch_size)
+        self._n_sequences = sum(int(ids.shape[0]) for ids, _ in batches)
+        # Under torchrun each rank plays every coalition on its own batches (every
+        # size-th, keeping their global index for the value function); evaluate() sums.
+        self._batches = [(b, batches[b][0].to(device), batches[b][1].to(device)) for b in strided(len(batches))]
+        self._layer_evals = 0
         self._prepared = not value.needs_reference
 
     @property
     def layer_evals(self) -> int:
-        """Layer-evaluations run so far (layers x sequences)."""
-        return self.runner.layer_evals
+        """Layer-evaluations run so far (layers x sequences), over all torchrun ranks."""
+        return self._layer_evals
 
     def masked(self, coalition: int) -> list[Unit]:
         """The units masked in ``coalition``: the absent ones and every player not in it."""
@@ -258,9 +264,12 @@ class ModelGame(Game[Unit]):
         """Show the value function the full model's logits, if it needs them."""
         if self._prepared:
             return
-        for b, (ids, mask) in enumerate(self._batches):
+        before = self.runner.layer_evals
+        for b, ids, mask in self._batches:
             logits, _ = self.runner.run_from(ids, mask, [])
             self.value.reference(b, logits)
+        (evals,) = all_reduce_sum([self.runner.layer_evals - before])
+        self._layer_evals += round(float(evals))
         self._prepared = True
 
     @torch.no_grad()
@@ -273,7 +282,8 @@ class ModelGame(Game[Unit]):
         masked = [self.masked(c) for c in ordered]
         sums = [0.0] * len(ordered)
         weight = 0.0
-        for b, (ids, mask) in enumerate(self._batches):
+        before = self.runner.layer_evals
+        for b, ids, mask in self._batches:
             states: list[torch.Tensor | None] = [None] * n_layers  # input of each layer, last pattern
             prev: tuple[int, ...] | None = None
             for k, pat in enumerate(patterns):
@@ -290,8 +300,11 @@ class ModelGame(Game[Unit]):
                     )
                 sums[k] += s
             weight += w  # the same for every coalition
+        # Value sums and weights add over ranks' batches (one collective per round).
+        *sums_all, weight_all, evals = all_reduce_sum([*sums, weight, self.runner.layer_evals - before])
+        self._layer_evals += round(float(evals))
         self.evaluations += len(ordered)
-        return [s / weight for s in sums]
+        return [float(s) / float(weight_all) for s in sums_all]
 
     def identity(self) -> dict[str, Any]:
         config = getattr(self.layout.model, "config", None)
