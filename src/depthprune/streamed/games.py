@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from depthprune.distributed import all_reduce_sum, strided
 from depthprune.errors import InputError
 from depthprune.score.shapley.games import Game, check_players
 from depthprune.score.static import NonFiniteError
@@ -78,8 +79,11 @@ class StreamedGame(Game[Unit]):
         self.evaluations = 0
         self.rounds = 0  # streamed passes, one per evaluate() call
         self._kl = value.needs_reference
-        self._batches = list(value.batches(batch_size))
-        self._n_sequences = sum(int(ids.shape[0]) for ids, _ in self._batches)
+        batches = list(value.batches(batch_size))
+        self._n_sequences = sum(int(ids.shape[0]) for ids, _ in batches)
+        # Under torchrun each rank runs every coalition on its share of the batches
+        # (every size-th), and evaluate() sums over ranks, as ModelGame does.
+        self._batches = [batches[b] for b in strided(len(batches))]
 
     def masked(self, coalition: int) -> list[Unit]:
         """The units masked in ``coalition``: the absent ones and every player not in it."""
@@ -106,16 +110,21 @@ class StreamedGame(Game[Unit]):
         streamed, batches = self.streamed, self._batches
         branches = self._branches(ordered)
         reference = frozenset() if self._kl else None
-        with streamed.store(_batch_bytes(streamed, batches)) as store:
-            states = streamed.run(batches, branches, store, show_progress=False)
-            losses = branch_token_losses(streamed, batches, states, store, reference)
+        losses: dict[Branch, list[tuple[torch.Tensor, torch.Tensor | None]]] = {br: [] for br in branches}
+        if batches:  # a torchrun rank may have none
+            with streamed.store(_batch_bytes(streamed, batches)) as store:
+                states = streamed.run(batches, branches, store, show_progress=False)
+                losses = branch_token_losses(streamed, batches, states, store, reference)
         valid = [next_token_valid(mask.to(streamed.ckpt.device)) for _, mask in batches]  # (B, T-1) each
-        weight = math.fsum(float(v.sum()) for v in valid)  # the same for every coalition
-        values = []
-        for c, br in zip(ordered, branches, strict=False):
+        sums = []
+        for br in branches[: len(ordered)]:
             # The value is minus the mean over valid tokens of the NLL (loss) or the KL (kl).
             per_token = [(kl if self._kl else nll) for nll, kl in losses[br]]
-            total = math.fsum(float((x * v).sum()) for x, v in zip(per_token, valid, strict=True))  # type: ignore[operator]
+            sums.append(math.fsum(float((x * v).sum()) for x, v in zip(per_token, valid, strict=True)))  # type: ignore[operator]
+        # Sums over ranks, never means; the weight is the same for every coalition.
+        *totals, weight = (float(t) for t in all_reduce_sum([*sums, math.fsum(float(v.sum()) for v in valid)]))
+        values = []
+        for c, total in zip(ordered, totals, strict=True):
             if not math.isfinite(total):
                 raise NonFiniteError(
                     f"the value is not finite with {', '.join(map(str, self.masked(c))) or 'no units'} masked: the "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from depthprune.data import TokenBatches
+from depthprune.distributed import all_reduce_sum
 from depthprune.errors import InputError
 from depthprune.evaluate import TaskSpec
 from depthprune.evaluate.perplexity import PerplexityConfig, WindowBatch, perplexity
@@ -308,6 +309,9 @@ def perplexity_streamed_many(
     totals: dict[frozenset[Unit], float] = {}
 
     def score_batches(batches: list[WindowBatch]) -> float:
+        if not batches:  # a torchrun rank with no window of its own
+            totals.update(dict.fromkeys(branches, 0.0))
+            return 0.0
         inputs = [(wb.ids, wb.mask) for wb in batches]
         step = streamed.config.head_rows
         device = streamed.ckpt.device
@@ -337,9 +341,12 @@ def perplexity_streamed_many(
 
     first = perplexity(streamed.model, tokenizer, source, config, score_batches=score_batches)
     first["protocol"]["execution"] = "layer-streamed"
+    # Under torchrun each rank scored its share of the windows: sum every branch over ranks
+    # (perplexity() did so for the first one only).
+    summed = all_reduce_sum([totals.get(br, 0.0) for br in branches])
     results = []
-    for br in branches:
-        nll = totals[br] / first["n_scored"]
+    for br, total in zip(branches, summed, strict=True):
+        nll = float(total) / first["n_scored"]
         results.append({**first, "nll": nll, "perplexity": math.exp(nll), "protocol": dict(first["protocol"])})
     return results
 
