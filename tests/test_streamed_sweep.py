@@ -266,3 +266,35 @@ def test_score_stream_computes_shapley_like_in_memory(sharded_llama: Path) -> No
     assert got.cost["stream_layer_reads"] % 4 == 0 and 4 < got.cost["stream_layer_reads"] < 4 * evaluations
     with pytest.raises(InputError, match="value 'mmlu' is not supported with --stream"):
         score_streamed(streamed, data, ScoreConfig(metrics=("shapley",), value=ValueConfig("mmlu", mmlu=str(sharded_llama)), show_progress=False))
+
+
+@pytest.mark.slow  # two torchrun launches: about 20 s on the shared 2-core machine
+def test_two_gloo_ranks_stream_shapley_and_sweep_like_one_process(sharded_llama: Path, text_file: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks: Shapley's 3 batches split 2 + 1, the sweep's 4 windows 2 + 2; sums over ranks."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(_scores(4)))
+    shap = ["shapley", str(sharded_llama), "--data", str(text_file), "--samples", "5", "--seq-len", "16", "--batch-size", "2",
+            "--estimator", "exact", "--value", "kl", "--stream"]
+    swp = ["sweep", str(sharded_llama), "--scores", str(scores), "--metrics", "up", "--units", "mlp", "--max-remove", "2",
+           "--tasks", f"ppl:{text_file},seq_len=32,max_tokens=128,batch_size=1", "--stream"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    for args, out in ((shap, "s.json"), (swp, "w")):
+        assert main(["-q", *args, "-o", str(tmp_path / "one" / out)]) == 0
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "depthprune", "-q", *args, "-o", str(tmp_path / "two" / out)]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "s.json").read_text())["scores"]["shapley"] for d in ("one", "two"))
+    for unit, v in one.items():
+        # Float64 sums added in another order (per rank, then over ranks): ~1e-15 apart.
+        assert two[unit] == pytest.approx(v, rel=1e-9, abs=1e-12), unit
+    one, two = (json.loads((tmp_path / d / "w" / "sweep.json").read_text())["points"]["mlp"]["up"] for d in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        (task,) = a["results"]
+        assert b["results"][task]["score"] == pytest.approx(a["results"][task]["score"], rel=1e-9)
