@@ -162,7 +162,7 @@ def compare_scaled(got: dict[str, float], want: dict[str, float], rel: float) ->
 
 
 def stream_arm(root: Path, cpu: dict[str, float] | None, rel: float) -> dict[str, Any]:
-    """``score --stream`` and ``eval --stream`` on CUDA (layers read from disk onto the GPU) against the CPU run."""
+    """``score``, ``eval`` and ``sweep`` with ``--stream`` on CUDA (layers read from disk onto the GPU) against the CPU run."""
     from depthprune.cli import main as cli
 
     argvs = stage_argvs(root / "model", root / "text.txt", root / "stream_cuda", ["--device", "cuda", "--stream"])
@@ -191,7 +191,7 @@ def stream_arm(root: Path, cpu: dict[str, float] | None, rel: float) -> dict[str
     for name in real:
         setattr(LazyCheckpoint, name, outside(name))
     LazyCheckpoint.open = staticmethod(open_outside)
-    for stage in ("score", "eval"):
+    for stage in ("score", "eval", "sweep"):
         mode = CpuOps()
         with mode:
             try:
@@ -210,7 +210,7 @@ def stream_arm(root: Path, cpu: dict[str, float] | None, rel: float) -> dict[str
     ok = ok and bool(devices) and all(d.startswith("cuda") for d in devices)
     if ok:
         got: dict[str, float] = {}
-        for name in ("score.json", "eval.json"):
+        for name in ("score.json", "eval.json", "sweep/sweep.json"):
             _numbers(json.loads((root / "stream_cuda" / name).read_text()), name, got)
         got = {k: v for k, v in got.items() if not any(s in k.lower() for s in _SKIP)}
         # The streamed score file may carry fields of its own (its settings): compare the
