@@ -28,7 +28,17 @@ import json
 import statistics
 
 import torch
-from _common import add_model_args, alternate, build, data, load_average, memory_child, model_label, peak_memory, spread
+from _common import (
+    add_model_args,
+    alternate,
+    build,
+    data,
+    load_average,
+    memory_child,
+    model_label,
+    peak_memory,
+    spread,
+)
 
 METRICS = ("cosine", "angular", "rel_l1", "rel_l2")
 ARMS = ("forward", "score")

@@ -136,7 +136,12 @@ def stories(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from depthprune.llama2c import convert_llama2c
     from depthprune.loading import load_model
     from depthprune.score.adaptive import leave_one_out
-    from depthprune.score.shapley import ModelGame, ShapleyConfig, estimate_shapley, get_estimator
+    from depthprune.score.shapley import (
+        ModelGame,
+        ShapleyConfig,
+        estimate_shapley,
+        get_estimator,
+    )
     from depthprune.score.values import make_value
     from depthprune.units import ModelLayout, all_units
 

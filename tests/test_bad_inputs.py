@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import shared_dir, tiny_model, tiny_tokenizer
+
 from depthprune.cli import main
 from depthprune.testbed import TestbedConfig
 

@@ -13,8 +13,8 @@ from stages import TEXT, collect, compare, run_stages
 
 from depthprune.cli import main
 from depthprune.devices import input_device, parse_device_map
-from depthprune.loading import check_device
 from depthprune.errors import InputError
+from depthprune.loading import check_device
 
 
 @pytest.fixture(scope="module")

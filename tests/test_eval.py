@@ -15,7 +15,14 @@ from conftest import tiny_model, tiny_tokenizer
 
 from depthprune.data import read_texts
 from depthprune.errors import DepthPruneError, InputError
-from depthprune.evaluate import HarnessConfig, MMLUConfig, PerplexityConfig, evaluate, parse_task, task_score
+from depthprune.evaluate import (
+    HarnessConfig,
+    MMLUConfig,
+    PerplexityConfig,
+    evaluate,
+    parse_task,
+    task_score,
+)
 from depthprune.evaluate.perplexity import Window, _sha256, perplexity, plan_windows
 
 TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 12

@@ -27,10 +27,6 @@ from depthprune.evaluate.mmlu import (
 from depthprune.units import mask_units
 
 
-
-
-
-
 def _trained_tokenizer(kind: str, texts: list[str], vocab: int = 320) -> Any:
     """A BPE tokenizer trained on ``texts``: byte-level (GPT-2, "ĠA") or metaspace (SentencePiece, "▁A")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

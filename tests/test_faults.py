@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import tiny_model, tiny_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"

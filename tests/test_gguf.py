@@ -292,7 +292,11 @@ def test_header_reader_on_small_files(tmp_path: Path) -> None:
 def test_relative_gguf_path_loads_config_and_tokenizer(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # transformers joins gguf_file onto the folder: a relative path given as a whole once
     # lost the tokenizer (and so every stage's calibration) when run from another folder.
-    from depthprune.gguf_import import _load_tokenizer, load_gguf_config, read_gguf_header
+    from depthprune.gguf_import import (
+        _load_tokenizer,
+        load_gguf_config,
+        read_gguf_header,
+    )
 
     monkeypatch.chdir(smollm2_gguf.parent.parent.parent)
     relative = Path(*smollm2_gguf.parts[-3:])

@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from depthprune.errors import CheckpointError, InputError, OutputExistsError
-from depthprune.llama2c import convert_llama2c, read_llama2c_checkpoint, read_llama2c_tokenizer
+from depthprune.llama2c import (
+    convert_llama2c,
+    read_llama2c_checkpoint,
+    read_llama2c_tokenizer,
+)
 
 
 def _shared_dir() -> Path:

@@ -12,18 +12,29 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import depthprune
-from conftest import FAMILIES, tiny_model
 from depthprune.api import PruneConfig, prune_model
 from depthprune.data import context_length, load_calibration
 from depthprune.errors import InputError, ModelLoadError
 from depthprune.export import export, read_manifest
-from depthprune.pruned_classes import depthprune_info, is_depthpruned, spec_of, to_depthpruned_
 from depthprune.loading import LoadConfig, load_model
-from depthprune.recover import BiasEmulator, EmulationConfig, emulate, fit_emulators, kv_cache_bytes
+from depthprune.pruned_classes import (
+    depthprune_info,
+    is_depthpruned,
+    spec_of,
+    to_depthpruned_,
+)
+from depthprune.recover import (
+    BiasEmulator,
+    EmulationConfig,
+    emulate,
+    fit_emulators,
+    kv_cache_bytes,
+)
 from depthprune.units import Unit, mask_units
 
 PLAN = {"attn.1": "none", "mlp.2": "bias", "block.0": "lowrank:4", "block.3": "none"}

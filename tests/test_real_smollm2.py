@@ -169,7 +169,11 @@ def test_sublayer_prune_loads_with_depthprune_and_equals_masking(lm: Any, smollm
 
 def test_emulating_an_early_block_beats_plain_removal(lm: Any, wiki: Path) -> None:
     from depthprune.data import load_calibration
-    from depthprune.recover.compare import CompareConfig, compare_recovery, split_heldout
+    from depthprune.recover.compare import (
+        CompareConfig,
+        compare_recovery,
+        split_heldout,
+    )
 
     data = load_calibration(str(wiki), lm.tokenizer, n_sequences=24, seq_len=48)
     fit, held_out = split_heldout(data, 8)

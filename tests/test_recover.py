@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
-from conftest import tiny_model
 from depthprune.cli import main
 from depthprune.data import TokenBatches, load_calibration, pack
 from depthprune.errors import InputError

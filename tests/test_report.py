@@ -12,8 +12,20 @@ from rich.console import Console
 
 from depthprune.errors import InputError
 from depthprune.html_report import ReportData, render
-from depthprune.report import _normalized_rows, heatmap_figsize, plot_heatmap, scores_table
-from depthprune.speed import NO_DIFFERENCE, SpeedConfig, Spread, compare, measure_speed, speed_rows
+from depthprune.report import (
+    _normalized_rows,
+    heatmap_figsize,
+    plot_heatmap,
+    scores_table,
+)
+from depthprune.speed import (
+    NO_DIFFERENCE,
+    SpeedConfig,
+    Spread,
+    compare,
+    measure_speed,
+    speed_rows,
+)
 from depthprune.units import Unit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,14 @@ from transformers import DynamicCache
 
 from depthprune.architectures import get_submodule
 from depthprune.errors import InputError
-from depthprune.units import ModelLayout, Unit, all_units, mask_units, parse_units, swap_units_
+from depthprune.units import (
+    ModelLayout,
+    Unit,
+    all_units,
+    mask_units,
+    parse_units,
+    swap_units_,
+)
 
 
 def test_parse_units_sorted_and_validated() -> None:

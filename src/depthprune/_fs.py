@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from depthprune.distributed import is_writer
-from depthprune.errors import CheckpointError, DepthPruneError, InputError, OutputExistsError, WriteError
+from depthprune.errors import (
+    CheckpointError,
+    DepthPruneError,
+    InputError,
+    OutputExistsError,
+    WriteError,
+)
 
 Kind = Literal["file", "dir"]
 PathLike = str | os.PathLike[str]

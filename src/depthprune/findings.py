@@ -36,7 +36,13 @@ from typing import Any
 from pydantic import ConfigDict
 from torch import nn
 
-from depthprune._fs import copy_file_atomic, make_dir, os_errors, write_json_atomic, write_text_atomic
+from depthprune._fs import (
+    copy_file_atomic,
+    make_dir,
+    os_errors,
+    write_json_atomic,
+    write_text_atomic,
+)
 from depthprune.errors import InputError
 from depthprune.units import Unit
 

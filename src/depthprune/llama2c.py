@@ -308,7 +308,14 @@ def _bpe_merges(vocab: list[str], scores: list[float]) -> list[tuple[str, str]]:
 
 def _build_tokenizer(pieces: list[str], scores: list[float]) -> Any:
     """Build the ``tokenizers.Tokenizer`` equivalent to the llama2.c encoder and decoder."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+    )
 
     vocab = _hf_vocab(pieces)
     bpe = models.BPE(

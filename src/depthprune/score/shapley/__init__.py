@@ -18,7 +18,13 @@ units that are present, and every other player is masked.
 from __future__ import annotations
 
 from depthprune.score.shapley.config import ShapleyConfig
-from depthprune.score.shapley.driver import RoundInfo, ShapleyResult, estimate_shapley, shapley_units, unit_games
+from depthprune.score.shapley.driver import (
+    RoundInfo,
+    ShapleyResult,
+    estimate_shapley,
+    shapley_units,
+    unit_games,
+)
 from depthprune.score.shapley.estimators import (
     DESIGNS,
     ESTIMATORS,

@@ -21,7 +21,13 @@ import numpy as np
 from depthprune.errors import InputError
 from depthprune.registry import Registry
 from depthprune.score.registry import DEEPER_LOOK
-from depthprune.score.shapley.states import ExactState, LocalSums, Moments, PairSums, StrataSums
+from depthprune.score.shapley.states import (
+    ExactState,
+    LocalSums,
+    Moments,
+    PairSums,
+    StrataSums,
+)
 
 if TYPE_CHECKING:
     from depthprune.score.shapley.config import ShapleyConfig
