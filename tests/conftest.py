@@ -169,3 +169,32 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (4 layers, seed 3) saved in several safetensors shards, with a tokenizer.
+
+    Shared by the streamed-execution tests; nothing may write into it (the CLI refuses
+    outputs inside a model folder anyway).
+    """
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    tiny_model("llama", seed=3).save_pretrained(path, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def spy_layer_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the names of the decoder-layer tensors that streamed execution reads, in order."""
+    from depthprune.streamed.checkpoint import LazyCheckpoint
+
+    loads: list[str] = []
+    real = LazyCheckpoint.load_
+
+    def spy(self: LazyCheckpoint, names: Any) -> None:
+        names = list(names)
+        loads.extend(n for n in names if ".layers." in n)
+        real(self, names)
+
+    monkeypatch.setattr(LazyCheckpoint, "load_", spy)
+    return loads

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tiny_tokenizer
 
 from depthprune.cli import main
 from depthprune.data import load_calibration, pack
@@ -56,15 +55,6 @@ def _close(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> No
         tol = LOO_ABS if metric.startswith("loo_") else 1e-12
         for unit, v in values.items():
             assert b[metric][unit] == pytest.approx(v, rel=REL, abs=tol), (metric, unit)
-
-
-@pytest.fixture(scope="module")
-def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama saved in several safetensors shards, with a tokenizer."""
-    path = tmp_path_factory.mktemp("sharded") / "llama"
-    tiny_model("llama", seed=3).save_pretrained(path, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

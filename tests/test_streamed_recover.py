@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import spy_layer_loads
 from safetensors.torch import load_file
 
 from depthprune.api import PruneConfig, prune_model
@@ -20,7 +20,6 @@ from depthprune.recover.emulate import BiasEmulator, EmulationConfig, fit_emulat
 from depthprune.recover.select import select_emulators, split_tail
 from depthprune.streamed import (
     ActivationStore,
-    LazyCheckpoint,
     StreamConfig,
     open_streamed,
 )
@@ -47,14 +46,6 @@ CHUNKED = StreamConfig(head_chunk=96)  # the 320-token vocabulary spans several 
 PLAN = {Unit("attn", 1): "lowrank:4", Unit("mlp", 2): "bias", Unit("block", 3): "lowrank:3", Unit("mlp", 0): "none"}
 
 
-@pytest.fixture(scope="module")
-def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sharded-fit") / "llama"
-    tiny_model("llama", seed=3).save_pretrained(path, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def _tokens(n: int = 7, t: int = 24, vocab: int = 320) -> Any:
     g = torch.Generator().manual_seed(2)
     return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)
@@ -68,19 +59,6 @@ def _same_params(a: torch.nn.Module | None, b: torch.nn.Module | None) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=REL, atol=ABS, msg=k)
-
-
-def _spy_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    loads: list[str] = []
-    real = LazyCheckpoint.load_
-
-    def spy(self: LazyCheckpoint, names: Any) -> None:
-        names = list(names)
-        loads.extend(n for n in names if ".layers." in n)
-        real(self, names)
-
-    monkeypatch.setattr(LazyCheckpoint, "load_", spy)
-    return loads
 
 
 def _reads_per_layer(loads: list[str]) -> dict[int, int]:
@@ -100,7 +78,7 @@ def test_fit_and_check_equal_in_memory(sharded_llama: Path, monkeypatch: pytest.
     config = EmulationConfig(batch_size=2, show_progress=False)  # the fit's 4 sequences in 2 batches
     model = load_model(sharded_llama).model
     expected = fit_emulators(model, fit, PLAN, config)
-    loads = _spy_layers(monkeypatch)
+    loads = spy_layer_loads(monkeypatch)
     streamed = open_streamed(str(sharded_llama), CHUNKED)
     got = fit_emulators_streamed(streamed, fit, PLAN, config)
     assert expected.keys() == got.keys()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import spy_layer_loads
 
 from depthprune.cli import main
 from depthprune.data import load_calibration, pack
@@ -20,7 +20,6 @@ from depthprune.score.shapley import ShapleyConfig, estimate_shapley
 from depthprune.score.shapley.games import ModelGame
 from depthprune.score.values import KLValue, LossValue
 from depthprune.streamed import (
-    LazyCheckpoint,
     StreamConfig,
     evaluate_points_streamed,
     open_streamed,
@@ -45,15 +44,6 @@ TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. 
 
 
 @pytest.fixture(scope="module")
-def sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama (4 layers) saved in several safetensors shards, with a tokenizer."""
-    path = tmp_path_factory.mktemp("sharded") / "llama"
-    tiny_model("llama", seed=3).save_pretrained(path, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "t.txt"
     path.write_text(TEXT)
@@ -63,20 +53,6 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _tokens(n: int = 5, t: int = 24, vocab: int = 320) -> Any:
     g = torch.Generator().manual_seed(1)
     return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)
-
-
-def _spy_layer_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the decoder-layer tensors read from the checkpoint, in order."""
-    loads: list[str] = []
-    real = LazyCheckpoint.load_
-
-    def spy(self: LazyCheckpoint, names: Any) -> None:
-        names = list(names)
-        loads.extend(n for n in names if ".layers." in n)
-        real(self, names)
-
-    monkeypatch.setattr(LazyCheckpoint, "load_", spy)
-    return loads
 
 
 def _scores(n_layers: int) -> dict[str, Any]:
@@ -112,7 +88,7 @@ def test_streamed_sweep_equals_in_memory_and_reads_each_layer_once(
         masks = [[Unit.parse(u) for u in p] for p in points]
         return [{k: {"score": task_score(v)} for k, v in r.items()} for r in evaluate_points_streamed(streamed, lm.tokenizer, specs, masks)]
 
-    loads = _spy_layer_loads(monkeypatch)
+    loads = spy_layer_loads(monkeypatch)
     got = sweep(streamed.model, _scores(4), config, out_dir=tmp_path / "str", evaluate_points=evaluate_points)
     # 3 kinds x 2 metrics x 3 removals + the unpruned point, each distinct set of units once.
     assert calls == [19]
@@ -176,7 +152,7 @@ def test_a_round_of_coalitions_equals_in_memory_in_one_pass(sharded_llama: Path,
     game = StreamedGame(streamed, value_cls(data), players, batch_size=2)
     g = torch.Generator().manual_seed(0)
     coalitions = sorted({0, game.full, *torch.randint(0, game.full, (30,), generator=g).tolist()})
-    loads = _spy_layer_loads(monkeypatch)
+    loads = spy_layer_loads(monkeypatch)
     got = game.evaluate(coalitions)
     assert streamed.layer_reads == 4 and len(loads) == len(set(loads))  # 30+ coalitions, each layer read once
     expected = mem.evaluate(coalitions)
