@@ -192,7 +192,9 @@ def token_stream(texts: list[str], tokenizer: Any) -> list[int]:
     """Tokenize documents without special tokens and join them with EOS (when there is one)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # verbose=False: the documents are cut into windows afterwards, so transformers' warning
+    # that a document is longer than the model's context does not apply.
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     for ids in encoded:
         stream.extend(ids)
         if eos is not None:
