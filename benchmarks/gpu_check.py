@@ -17,6 +17,9 @@ three times in this process: on the CPU, with ``--device cuda`` and with
 - every number the stages wrote, and every weight of the two pruned models, matches the
   CPU run within ``--rel`` (float32 on both; GPU kernels sum in another order).
 
+Then ``score``/``eval``/``sweep`` and ``prune --recover`` with ``--stream --device cuda``
+against the CPU run, and ``eval`` under ``torchrun --nproc-per-node 1`` (``nccl``).
+
 Prints one JSON object, and exits 1 if a check failed. Takes well under a minute after
 CUDA starts.
 """
@@ -225,6 +228,81 @@ def stream_arm(root: Path, cpu: dict[str, float] | None, rel: float) -> dict[str
     return report
 
 
+def stream_recover_arm(root: Path, rel: float) -> dict[str, Any]:
+    """``prune --recover lowrank:4 --stream --device cuda`` against the in-memory CPU prune.
+
+    The fit and the held-out check stream onto the GPU; the keep-or-drop decisions and the
+    exported weights must equal the CPU run's.
+    """
+    import shutil
+
+    from depthprune.cli import main as cli
+
+    out = root / "stream_recover"
+    out.mkdir()
+    shutil.copyfile(root / "cpu" / "plan.json", out / "plan.json")
+    argv = stage_argvs(root / "model", root / "text.txt", out, ["--device", "cuda", "--stream"])["recover"]
+    try:
+        code: Any = cli(argv)
+    except Exception as exc:  # noqa: BLE001 - report it
+        code = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    report: dict[str, Any] = {"exit": code}
+    if code != 0:
+        report["ok"] = False
+        return report
+    from safetensors.torch import load_file
+
+    def weights(folder: Path) -> dict[str, float]:
+        numbers: dict[str, float] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            for key, tensor in load_file(str(path)).items():
+                for i, v in enumerate(tensor.double().flatten().tolist()):
+                    numbers[f"recovered/{key}/{i}"] = v
+        return numbers
+
+    def decisions(folder: Path) -> Any:
+        manifest = json.loads((folder / "depthprune.json").read_text())
+        return json.dumps(manifest.get("recover", {}).get("units", manifest.get("units")), sort_keys=True, default=str)
+
+    diffs = compare_scaled(weights(out / "recovered"), weights(root / "cpu" / "recovered"), rel)
+    report["mismatches"] = len(diffs)
+    report["first_mismatches"] = diffs[:5]
+    report["execution"] = json.loads((out / "recovered" / "depthprune.json").read_text()).get("recover", {}).get("execution")
+    report["ok"] = not diffs
+    return report
+
+
+def torchrun_arm(root: Path, rel: float) -> dict[str, Any]:
+    """``torchrun --nproc-per-node 1 ... eval --device cuda``: the nccl process group, all-reduce on CUDA."""
+    import os
+    import subprocess
+
+    out = root / "torchrun"
+    out.mkdir()
+    argv = stage_argvs(root / "model", root / "text.txt", out, ["--device", "cuda"])["eval"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone", "-m", "depthprune", *argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
+    report: dict[str, Any] = {"exit": proc.returncode}
+    if proc.returncode != 0:
+        report["stderr"] = proc.stderr[-2000:]
+        report["ok"] = False
+        return report
+    got: dict[str, float] = {}
+    want: dict[str, float] = {}
+    _numbers(json.loads((out / "eval.json").read_text()), "eval.json", got)
+    _numbers(json.loads((root / "cpu" / "eval.json").read_text()), "eval.json", want)
+    got = {k: v for k, v in got.items() if not any(s in k.lower() for s in _SKIP)}
+    want = {k: v for k, v in want.items() if k in got}
+    diffs = compare({k: v for k, v in got.items() if k in want}, want, rel)
+    report["compared"] = len(want)
+    report["mismatches"] = len(diffs)
+    report["first_mismatches"] = diffs[:5]
+    report["ok"] = not diffs and bool(want)
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rel", type=float, default=1e-3, help="relative tolerance against the CPU run (default: 1e-3)")
@@ -277,6 +355,10 @@ def main() -> int:
             result[arm] = report
         result["stream_cuda"] = stream_arm(root, numbers.get("cpu"), args.rel)
         ok = ok and result["stream_cuda"]["ok"]
+        result["stream_recover_cuda"] = stream_recover_arm(root, args.rel)
+        ok = ok and result["stream_recover_cuda"]["ok"]
+        result["torchrun_nccl"] = torchrun_arm(root, args.rel)
+        ok = ok and result["torchrun_nccl"]["ok"]
         result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     result["ok"] = ok
     text = json.dumps(result)
