@@ -306,6 +306,11 @@ def test_cli_stream_score_and_bad_budget(sharded_llama: Path, text_file: Path, t
     assert main([*common, "--stream", "-o", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["definitions"]["loo_loss"]["execution"] == "layer-streamed"
+    # The streamed file names the model it was made for, as the in-memory one does
+    # (plan and sweep check it; without it they fall back to the layer count).
+    in_memory = tmp_path / "in-memory.json"
+    assert main([*common, "-o", str(in_memory)]) == 0
+    assert doc["config_sha256"] == json.loads(in_memory.read_text())["config_sha256"] is not None
     assert main([*common, "--stream", "--stream-budget", "1KB", "-o", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot hold one layer" in err[0]

@@ -24,6 +24,7 @@ from depthprune.distributed import all_reduce_sum
 from depthprune.errors import InputError
 from depthprune.evaluate import TaskSpec
 from depthprune.evaluate.perplexity import PerplexityConfig, WindowBatch, perplexity
+from depthprune.identity import config_sha256
 from depthprune.progress import counter
 from depthprune.score import ScoreConfig, ScoreResult, _definition
 from depthprune.score.registry import (
@@ -148,6 +149,7 @@ def score_streamed(
         definitions=definitions,
         seed=config.seed,
         cost=cost,
+        config_sha256=config_sha256(streamed.model.config),
     )
 
 
