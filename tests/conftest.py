@@ -198,3 +198,19 @@ def spy_layer_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(LazyCheckpoint, "load_", spy)
     return loads
+
+
+def one_line_error(code: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """Assert a CLI bad-input exit: code 2 and one stderr line holding ``needles``, no traceback.
+
+    Returns:
+        That line.
+    """
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("depthprune: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from safetensors import safe_open
 
 from depthprune.cli import main
@@ -148,17 +149,6 @@ def test_convert_bfloat16(smollm2_gguf: Path, smollm2_dir: Path, tmp_path: Path)
 # --------------------------------------------------------------------------- bad input
 
 
-def _one_line_error(code: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("depthprune: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def _inputs(tmp_path: Path) -> Path:
     """A folder for input files: an output beside a model file would be in its model folder."""
     folder = tmp_path / "inputs"
@@ -200,11 +190,11 @@ def test_truncated_gguf(smollm2_gguf: Path, tmp_path: Path, capsys: pytest.Captu
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) // 2])
     code = main(["convert-gguf", str(cut), "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "cut.gguf", "is truncated", f"need {len(data)} bytes", f"has {len(data) // 2}")
+    one_line_error(code, capsys, "cut.gguf", "is truncated", f"need {len(data)} bytes", f"has {len(data) // 2}")
     head = tmp_path / "head.gguf"
     head.write_bytes(data[:1000])
     code = main(["score", str(head), "--data", str(cut), "-o", str(tmp_path / "s.json")])
-    _one_line_error(code, capsys, "head.gguf", "ends inside its header")
+    one_line_error(code, capsys, "head.gguf", "ends inside its header")
     _nothing_written(tmp_path, "cut.gguf", "head.gguf")
 
 
@@ -214,9 +204,9 @@ def test_convert_never_replaces_the_gguf(smollm2_gguf: Path, tmp_path: Path, cap
     os.link(smollm2_gguf, copy) if smollm2_gguf.stat().st_dev == tmp_path.stat().st_dev else copy.write_bytes(smollm2_gguf.read_bytes())
     for out in (copy, tmp_path):
         code = main(["convert-gguf", str(copy), "-o", str(out), "--force"])
-        _one_line_error(code, capsys, "refusing", "model.gguf")
+        one_line_error(code, capsys, "refusing", "model.gguf")
     code = main(["prune", str(copy), "--remove", "block.3", "-o", str(copy), "--force"])
-    _one_line_error(code, capsys, "refusing", "source model")
+    one_line_error(code, capsys, "refusing", "source model")
     _nothing_written(tmp_path, "model.gguf")
     assert copy.stat().st_size == smollm2_gguf.stat().st_size
 
@@ -224,23 +214,23 @@ def test_convert_never_replaces_the_gguf(smollm2_gguf: Path, tmp_path: Path, cap
 def test_unsupported_gguf_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _write_gguf(_inputs(tmp_path) / "bert.gguf", "bert")
     code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "bert.gguf", "architecture 'bert'", "not supported", "llama")
+    one_line_error(code, capsys, "bert.gguf", "architecture 'bert'", "not supported", "llama")
     code = main(["prune", str(bad), "--remove", "block.0", "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "architecture 'bert'")
+    one_line_error(code, capsys, "architecture 'bert'")
     _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_of_a_family_depthprune_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _write_gguf(_inputs(tmp_path) / "falcon.gguf", "falcon")
     code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "unsupported architecture 'FalconForCausalLM'", "DEPTHPRUNE_ARCH_PATH")
+    one_line_error(code, capsys, "unsupported architecture 'FalconForCausalLM'", "DEPTHPRUNE_ARCH_PATH")
     _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_that_is_not_a_causal_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     encoder = _write_gguf(_inputs(tmp_path) / "t5encoder.gguf", "t5encoder")
     code = main(["convert-gguf", str(encoder), "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "t5encoder.gguf", "'t5encoder'", "not a causal (decoder-only) language model")
+    one_line_error(code, capsys, "t5encoder.gguf", "'t5encoder'", "not a causal (decoder-only) language model")
     with pytest.raises(ModelLoadError, match="not a causal"):
         load_model(str(encoder))
     _nothing_written(tmp_path, "inputs")
@@ -248,9 +238,9 @@ def test_gguf_that_is_not_a_causal_lm(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_missing_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["convert-gguf", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "nope.gguf", "does not exist")
+    one_line_error(code, capsys, "nope.gguf", "does not exist")
     code = main(["eval", str(tmp_path / "nope.gguf"), "--task", "ppl:x.txt", "--json", str(tmp_path / "e.json")])
-    _one_line_error(code, capsys, "GGUF file", "does not exist")
+    one_line_error(code, capsys, "GGUF file", "does not exist")
     _nothing_written(tmp_path)
 
 
@@ -261,16 +251,16 @@ def test_file_that_is_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str
     empty.touch()
     for bad in (text, empty):
         code = main(["convert-gguf", str(bad), "-o", str(tmp_path / "out")])
-        _one_line_error(code, capsys, bad.name, "is not a GGUF file")
+        one_line_error(code, capsys, bad.name, "is not a GGUF file")
         code = main(["prune", str(bad), "--remove", "block.0", "-o", str(tmp_path / "out")])
-        _one_line_error(code, capsys, bad.name, "is not a GGUF file")
+        one_line_error(code, capsys, bad.name, "is not a GGUF file")
     _nothing_written(tmp_path, "inputs")
 
 
 def test_gguf_without_its_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     named = _write_gguf(_inputs(tmp_path) / "model.bin", "llama")
     code = main(["prune", str(named), "--remove", "block.0", "-o", str(tmp_path / "out")])
-    _one_line_error(code, capsys, "GGUF file without the .gguf extension")
+    one_line_error(code, capsys, "GGUF file without the .gguf extension")
 
 
 def test_header_reader_on_small_files(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import one_line_error, tiny_model, tiny_tokenizer
 
 from depthprune.cli import main
 from depthprune.errors import ModelLoadError
@@ -51,15 +51,7 @@ def calib(root: Path) -> Path:
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     """Run the CLI; assert exit 2, one stderr line holding ``needles``, no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("depthprune: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(main(argv), capsys, *needles)
 
 
 def _no_output(out: Path) -> None:
