@@ -74,6 +74,28 @@ class Decision:
         }
 
 
+def record_decision(decisions: dict[Unit, Decision], unit: Unit, emulator: Any, loss: float, without: float) -> bool:
+    """Decide ``unit`` and record it: its emulator stays only where the held-out loss is lower with it.
+
+    Args:
+        decisions: Filled in with ``unit``'s :class:`Decision`.
+        unit: The unit being checked.
+        emulator: Its fitted emulator (described in the decision).
+        loss: Held-out loss with the current emulators, ``unit``'s included.
+        without: The same with ``unit`` plainly removed instead.
+
+    Returns:
+        Whether the emulator is kept.
+    """
+    keep = loss < without
+    decisions[unit] = Decision(describe(emulator), keep, loss, without)
+    logger.info(
+        "%s: held-out loss %.4f with its %s emulator, %.4f without: %s",
+        unit, loss, decisions[unit].replace, without, "keep" if keep else "drop",
+    )
+    return keep
+
+
 def select_emulators(
     model: nn.Module,
     replacements: Mapping[Unit, nn.Module | None],
@@ -115,13 +137,7 @@ def select_emulators(
             trial = {**current, unit: None}
             with emulate(model, trial, spec):
                 without = heldout_loss(model, heldout, batch_size)
-            keep = loss < without
-            decisions[unit] = Decision(describe(current[unit]), keep, loss, without)
-            logger.info(
-                "%s: held-out loss %.4f with its %s emulator, %.4f without: %s",
-                unit, loss, decisions[unit].replace, without, "keep" if keep else "drop",
-            )
-            if not keep:
+            if not record_decision(decisions, unit, current[unit], loss, without):
                 current, loss = trial, without
             bar.update()
     return current, decisions

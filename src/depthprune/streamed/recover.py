@@ -42,14 +42,13 @@ from depthprune.errors import InputError
 from depthprune.recover.emulate import (
     EmulationConfig,
     UpdateCollector,
-    describe,
     emulate,
     emulator_from_stats,
     linear_writers,
     parse_replace,
 )
 from depthprune.recover.emulators import LinearEmulator
-from depthprune.recover.select import Decision
+from depthprune.recover.select import Decision, record_decision
 from depthprune.stream import Writer
 from depthprune.streamed.head import ChunkedLogSumExp
 from depthprune.streamed.runner import Batch, StreamedModel
@@ -266,13 +265,7 @@ def select_emulators_streamed(
         rest: list[Unit] = []
         for k, unit in enumerate(todo):
             without = losses[trials[unit]]
-            keep = loss < without
-            decisions[unit] = Decision(describe(current[unit]), keep, loss, without)
-            logger.info(
-                "%s: held-out loss %.4f with its %s emulator, %.4f without: %s",
-                unit, loss, decisions[unit].replace, without, "keep" if keep else "drop",
-            )
-            if not keep:
+            if not record_decision(decisions, unit, current[unit], loss, without):
                 current, loss = {**current, unit: None}, without
                 rest = todo[k + 1 :]
                 break
