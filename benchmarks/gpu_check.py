@@ -41,7 +41,16 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from stages import _SKIP, TEXT, _numbers, all_on, collect, compare, stage_argvs
+from stages import (
+    _SKIP,
+    TEXT,
+    _numbers,
+    all_on,
+    collect,
+    collect_weights,
+    compare,
+    stage_argvs,
+)
 
 LARGE = 4096  # elements; token ids and index tensors of these runs are smaller
 
@@ -212,20 +221,29 @@ def stream_arm(root: Path, cpu: dict[str, float] | None, rel: float) -> dict[str
     ok = not failed and not any(r["large_cpu_ops"] for r in report["stages"].values()) and cpu is not None
     ok = ok and bool(devices) and all(d.startswith("cuda") for d in devices)
     if ok:
-        got: dict[str, float] = {}
-        for name in ("score.json", "eval.json", "sweep/sweep.json"):
-            _numbers(json.loads((root / "stream_cuda" / name).read_text()), name, got)
-        got = {k: v for k, v in got.items() if not any(s in k.lower() for s in _SKIP)}
-        # The streamed score file may carry fields of its own (its settings): compare the
-        # numbers both runs wrote.
-        want = {k: v for k, v in cpu.items() if k in got}
-        diffs = compare({k: v for k, v in got.items() if k in want}, want, rel)
-        report["compared"] = len(want)
-        report["mismatches"] = len(diffs)
-        report["first_mismatches"] = diffs[:10]
-        ok = not diffs and report["compared"] > 0
+        got = _written(root / "stream_cuda", ("score.json", "eval.json", "sweep/sweep.json"))
+        ok = _agrees(report, got, cpu, rel)
     report["ok"] = ok
     return report
+
+
+def _written(folder: Path, names: tuple[str, ...]) -> dict[str, float]:
+    """The numbers of the JSON files ``names`` in ``folder``, timings left out (as :func:`collect`)."""
+    numbers: dict[str, float] = {}
+    for name in names:
+        _numbers(json.loads((folder / name).read_text()), name, numbers)
+    return {k: v for k, v in numbers.items() if not any(s in k.lower() for s in _SKIP)}
+
+
+def _agrees(report: dict[str, Any], got: dict[str, float], cpu: dict[str, float], rel: float) -> bool:
+    """Compare the numbers both runs wrote (a streamed file may carry settings of its own);
+    record the comparison in ``report``; true when something was compared and all agree."""
+    want = {k: v for k, v in cpu.items() if k in got}
+    diffs = compare({k: v for k, v in got.items() if k in want}, want, rel)
+    report["compared"] = len(want)
+    report["mismatches"] = len(diffs)
+    report["first_mismatches"] = diffs[:10]
+    return not diffs and bool(want)
 
 
 def stream_recover_arm(root: Path, rel: float) -> dict[str, Any]:
@@ -251,25 +269,17 @@ def stream_recover_arm(root: Path, rel: float) -> dict[str, Any]:
     if code != 0:
         report["ok"] = False
         return report
-    from safetensors.torch import load_file
+    def decisions(folder: Path) -> dict[str, str]:
+        units = json.loads((folder / "depthprune.json").read_text())["recover"]["units"]
+        return {unit: entry["decision"] for unit, entry in units.items()}
 
-    def weights(folder: Path) -> dict[str, float]:
-        numbers: dict[str, float] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            for key, tensor in load_file(str(path)).items():
-                for i, v in enumerate(tensor.double().flatten().tolist()):
-                    numbers[f"recovered/{key}/{i}"] = v
-        return numbers
-
-    def decisions(folder: Path) -> Any:
-        manifest = json.loads((folder / "depthprune.json").read_text())
-        return json.dumps(manifest.get("recover", {}).get("units", manifest.get("units")), sort_keys=True, default=str)
-
-    diffs = compare_scaled(weights(out / "recovered"), weights(root / "cpu" / "recovered"), rel)
+    diffs = compare_scaled(collect_weights(out / "recovered"), collect_weights(root / "cpu" / "recovered"), rel)
     report["mismatches"] = len(diffs)
     report["first_mismatches"] = diffs[:5]
-    report["execution"] = json.loads((out / "recovered" / "depthprune.json").read_text()).get("recover", {}).get("execution")
-    report["ok"] = not diffs
+    report["decisions"] = decisions(out / "recovered")
+    report["decisions_equal"] = report["decisions"] == decisions(root / "cpu" / "recovered")
+    report["execution"] = json.loads((out / "recovered" / "depthprune.json").read_text())["recover"].get("execution")
+    report["ok"] = not diffs and report["decisions_equal"]
     return report
 
 
@@ -289,17 +299,7 @@ def torchrun_arm(root: Path, rel: float) -> dict[str, Any]:
         report["stderr"] = proc.stderr[-2000:]
         report["ok"] = False
         return report
-    got: dict[str, float] = {}
-    want: dict[str, float] = {}
-    _numbers(json.loads((out / "eval.json").read_text()), "eval.json", got)
-    _numbers(json.loads((root / "cpu" / "eval.json").read_text()), "eval.json", want)
-    got = {k: v for k, v in got.items() if not any(s in k.lower() for s in _SKIP)}
-    want = {k: v for k, v in want.items() if k in got}
-    diffs = compare({k: v for k, v in got.items() if k in want}, want, rel)
-    report["compared"] = len(want)
-    report["mismatches"] = len(diffs)
-    report["first_mismatches"] = diffs[:5]
-    report["ok"] = not diffs and bool(want)
+    report["ok"] = _agrees(report, _written(out, ("eval.json",)), _written(root / "cpu", ("eval.json",)), rel)
     return report
 
 

@@ -73,13 +73,20 @@ def collect(out: Path) -> dict[str, float]:
     for name in ("score.json", "shapley.json", "plan.json", "eval.json", "sweep/sweep.json"):
         _numbers(json.loads((out / name).read_text()), name, numbers)
     numbers = {k: v for k, v in numbers.items() if not any(s in k.lower() for s in _SKIP)}
+    for folder in ("pruned", "recovered"):
+        numbers.update(collect_weights(out / folder))
+    return numbers
+
+
+def collect_weights(folder: Path) -> dict[str, float]:
+    """Every weight entry of the model in ``folder``, keyed ``<folder name>/<tensor>/<index>``."""
     from safetensors.torch import load_file
 
-    for folder in ("pruned", "recovered"):
-        for path in sorted((out / folder).glob("*.safetensors")):
-            for key, tensor in load_file(str(path)).items():
-                for i, v in enumerate(tensor.double().flatten().tolist()):
-                    numbers[f"{folder}/{key}/{i}"] = v
+    numbers: dict[str, float] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        for key, tensor in load_file(str(path)).items():
+            for i, v in enumerate(tensor.double().flatten().tolist()):
+                numbers[f"{folder.name}/{key}/{i}"] = v
     return numbers
 
 
