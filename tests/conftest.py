@@ -214,3 +214,22 @@ def one_line_error(code: int, capsys: pytest.CaptureFixture[str], *needles: str)
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+STREAM_TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 40
+
+
+@pytest.fixture(scope="module")
+def stream_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibration text for the streamed-execution tests."""
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text(STREAM_TEXT)
+    return path
+
+
+def random_tokens(n: int = 5, t: int = 24, vocab: int = 320, seed: int = 1) -> Any:
+    """``n`` packed sequences of ``t`` random token ids (3 and up: past the special tokens)."""
+    from depthprune.data import pack
+
+    g = torch.Generator().manual_seed(seed)
+    return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_tokens
 
 from depthprune.cli import main
-from depthprune.data import load_calibration, pack
+from depthprune.data import load_calibration
 from depthprune.errors import InputError
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
 from depthprune.loading import load_model
@@ -34,7 +35,6 @@ ALL_METRICS = ("cosine", "angular", "rel_l1", "rel_l2", "angular_span", "loo_los
 # Vocabulary rows per LM-head chunk in the equality tests: the tiny vocabularies (320, 512)
 # then span several chunks, the last one short.
 CHUNKED = StreamConfig(head_chunk=96)
-TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 40
 
 
 # Leave-one-out values are differences of two per-token NLLs (and KL a sum of differences
@@ -57,18 +57,6 @@ def _close(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> No
             assert b[metric][unit] == pytest.approx(v, rel=REL, abs=tol), (metric, unit)
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text(TEXT)
-    return path
-
-
-def _tokens(n: int = 5, t: int = 24, vocab: int = 320) -> Any:
-    g = torch.Generator().manual_seed(1)
-    return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)
-
-
 def test_sharded_checkpoint_is_read_from_several_files(sharded_llama: Path) -> None:
     index = json.loads((sharded_llama / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
@@ -77,7 +65,7 @@ def test_sharded_checkpoint_is_read_from_several_files(sharded_llama: Path) -> N
 
 
 def test_scores_equal_in_memory_on_a_sharded_model(sharded_llama: Path) -> None:
-    data = _tokens()
+    data = random_tokens()
     config = ScoreConfig(metrics=ALL_METRICS, batch_size=2, show_progress=False)  # 3 batches, the last one short
     expected = score(load_model(sharded_llama).model, data, config)
     streamed = open_streamed(str(sharded_llama), CHUNKED)
@@ -99,7 +87,7 @@ def test_each_layer_is_loaded_once_per_pass(sharded_llama: Path, monkeypatch: py
 
     monkeypatch.setattr(LazyCheckpoint, "load_", spy)
     streamed = open_streamed(str(sharded_llama))
-    score_streamed(streamed, _tokens(), ScoreConfig(metrics=("loo_loss",), show_progress=False))
+    score_streamed(streamed, random_tokens(), ScoreConfig(metrics=("loo_loss",), show_progress=False))
     layer_loads = [n for n in loads if ".layers." in n]
     assert layer_loads and len(layer_loads) == len(set(layer_loads))
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # everything freed after
@@ -107,20 +95,20 @@ def test_each_layer_is_loaded_once_per_pass(sharded_llama: Path, monkeypatch: py
 
 @pytest.mark.parametrize("fam", ["gemma2", "gpt2", "phi", "qwen2"])
 def test_other_families_match_in_memory(fam: str, tiny_model_dirs: dict[str, Path]) -> None:
-    data = _tokens(n=3, t=20)
+    data = random_tokens(n=3, t=20)
     config = ScoreConfig(metrics=("cosine", "rel_l1", "loo_loss", "loo_kl"), batch_size=2, show_progress=False)
     expected = score(load_model(tiny_model_dirs[fam]).model, data, config)
     _close(expected.scores, score_streamed(open_streamed(str(tiny_model_dirs[fam]), CHUNKED), data, config).scores)
 
 
-def test_perplexity_equals_in_memory_with_masks_and_padding(sharded_llama: Path, text_file: Path) -> None:
+def test_perplexity_equals_in_memory_with_masks_and_padding(sharded_llama: Path, stream_text_file: Path) -> None:
     lm = load_model(sharded_llama)
     # 300 tokens in windows of 64: the last window is short, so its batch is padded.
     config = PerplexityConfig(seq_len=64, max_tokens=300, batch_size=2, show_progress=False)
     masked = [Unit("attn", 1), Unit("block", 2)]
     with mask_units(lm.model, masked):
-        expected = perplexity(lm.model, lm.tokenizer, text_file, config)
-    got = perplexity_streamed(open_streamed(str(sharded_llama), CHUNKED), lm.tokenizer, str(text_file), config, masked)
+        expected = perplexity(lm.model, lm.tokenizer, stream_text_file, config)
+    got = perplexity_streamed(open_streamed(str(sharded_llama), CHUNKED), lm.tokenizer, str(stream_text_file), config, masked)
     assert got["n_scored"] == expected["n_scored"]
     assert got["nll"] == pytest.approx(expected["nll"], rel=REL)
     assert got["protocol"]["execution"] == "layer-streamed"
@@ -175,7 +163,7 @@ def test_chunked_nll_and_kl_equal_log_softmax(rows: int) -> None:
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2"])  # an LM head of its own; one tied to the embeddings
-def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Path], text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Path], stream_text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[str] = []
     reads: list[tuple[tuple[str, ...], int, int]] = []
     real_load, real_rows = LazyCheckpoint.load_, LazyCheckpoint.read_rows
@@ -197,7 +185,7 @@ def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Pa
     vocab = head.out_features
     head_names = [n for n, _ in streamed.model.named_parameters(remove_duplicate=False) if n.startswith(streamed._head_path + ".")]
     embed_names = streamed.ckpt.parameter_names(streamed.model.get_input_embeddings())
-    score_streamed(streamed, _tokens(n=3, t=20), ScoreConfig(metrics=("loo_loss", "loo_kl"), batch_size=2, show_progress=False))
+    score_streamed(streamed, random_tokens(n=3, t=20), ScoreConfig(metrics=("loo_loss", "loo_kl"), batch_size=2, show_progress=False))
     # Nothing of the head is loaded whole; a tied embedding is loaded once, for the input stage only.
     assert not set(head_names) & set(loads)
     assert sorted(n for n in loads if n in embed_names) == sorted(embed_names)
@@ -207,12 +195,12 @@ def test_the_lm_head_is_never_read_whole(fam: str, tiny_model_dirs: dict[str, Pa
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
     reads.clear()
     tok = load_model(tiny_model_dirs[fam]).tokenizer
-    perplexity_streamed(streamed, tok, str(text_file), PerplexityConfig(seq_len=32, max_tokens=100, show_progress=False))
+    perplexity_streamed(streamed, tok, str(stream_text_file), PerplexityConfig(seq_len=32, max_tokens=100, show_progress=False))
     assert [b - a for _, a, b in reads] and max(b - a for _, a, b in reads) <= 96
 
 
 def test_a_head_that_cannot_be_chunked_is_loaded_whole(sharded_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _tokens()
+    data = random_tokens()
     config = ScoreConfig(metrics=("loo_loss", "loo_kl"), batch_size=2, show_progress=False)
     expected = score(load_model(sharded_llama).model, data, config)
     monkeypatch.setattr(StreamedModel, "head_is_chunked", property(lambda self: False))
@@ -243,7 +231,7 @@ def _budget(streamed: StreamedModel, data: Any, batch_size: int) -> int:
 
 
 def test_spilled_activations_give_the_same_scores_and_the_folder_goes(sharded_llama: Path, tmp_path: Path) -> None:
-    data = _tokens()
+    data = random_tokens()
     config = ScoreConfig(metrics=("cosine", "loo_loss"), batch_size=2, show_progress=False)
     expected = score_streamed(open_streamed(str(sharded_llama)), data, config)
     probe = open_streamed(str(sharded_llama))
@@ -260,7 +248,7 @@ def test_spilled_activations_give_the_same_scores_and_the_folder_goes(sharded_ll
 def test_spill_folder_is_removed_after_an_error(
     error: type[BaseException], sharded_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = _tokens()
+    data = random_tokens()
     probe = open_streamed(str(sharded_llama))
     spill = tmp_path / "spill"
     spill.mkdir()
@@ -284,25 +272,25 @@ def test_spill_folder_is_removed_after_an_error(
 def test_budget_below_one_layer_is_refused(sharded_llama: Path) -> None:
     streamed = open_streamed(str(sharded_llama), StreamConfig(budget=1000))
     with pytest.raises(InputError, match="cannot hold one layer"):
-        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("cosine",), show_progress=False))
+        score_streamed(streamed, random_tokens(), ScoreConfig(metrics=("cosine",), show_progress=False))
 
 
 def test_unsupported_metrics_and_gguf_are_refused(sharded_llama: Path, tmp_path: Path) -> None:
     streamed = open_streamed(str(sharded_llama))
     mmlu = ValueConfig("mmlu", mmlu=str(tmp_path))  # shapley streams for the loss and kl values only
     with pytest.raises(InputError, match="not supported with --stream"):
-        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("shapley",), value=mmlu, show_progress=False))
+        score_streamed(streamed, random_tokens(), ScoreConfig(metrics=("shapley",), value=mmlu, show_progress=False))
     with pytest.raises(InputError, match="not supported with --stream"):
-        score_streamed(streamed, _tokens(), ScoreConfig(metrics=("angular_span",), span=2, show_progress=False))
+        score_streamed(streamed, random_tokens(), ScoreConfig(metrics=("angular_span",), span=2, show_progress=False))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(InputError, match="convert-gguf"):
         open_streamed(str(gguf))
 
 
-def test_cli_stream_score_and_bad_budget(sharded_llama: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_stream_score_and_bad_budget(sharded_llama: Path, stream_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "scores.json"
-    common = ["-q", "score", str(sharded_llama), "--data", str(text_file), "--samples", "3", "--seq-len", "16", "--metrics", "cosine,loo_loss"]
+    common = ["-q", "score", str(sharded_llama), "--data", str(stream_text_file), "--samples", "3", "--seq-len", "16", "--metrics", "cosine,loo_loss"]
     assert main([*common, "--stream", "-o", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["definitions"]["loo_loss"]["execution"] == "layer-streamed"
@@ -325,7 +313,7 @@ def test_a_disk_too_small_for_the_spill_is_refused_and_cleaned(sharded_llama: Pa
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 30, 1 << 30, 1 << 20))
-    data = _tokens()
+    data = random_tokens()
     probe = open_streamed(str(sharded_llama))
     spill = tmp_path / "spill"
     spill.mkdir()

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import spy_layer_loads
+from conftest import random_tokens, spy_layer_loads
 from safetensors.torch import load_file
 
 from depthprune.api import PruneConfig, prune_model
 from depthprune.cli import main
-from depthprune.data import load_calibration, pack
+from depthprune.data import load_calibration
 from depthprune.errors import InputError
 from depthprune.loading import LoadConfig, load_model
 from depthprune.recover.emulate import BiasEmulator, EmulationConfig, fit_emulators
@@ -46,9 +46,8 @@ CHUNKED = StreamConfig(head_chunk=96)  # the 320-token vocabulary spans several 
 PLAN = {Unit("attn", 1): "lowrank:4", Unit("mlp", 2): "bias", Unit("block", 3): "lowrank:3", Unit("mlp", 0): "none"}
 
 
-def _tokens(n: int = 7, t: int = 24, vocab: int = 320) -> Any:
-    g = torch.Generator().manual_seed(2)
-    return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)
+def _tokens(n: int = 7, t: int = 24) -> Any:
+    return random_tokens(n, t, seed=2)
 
 
 def _same_params(a: torch.nn.Module | None, b: torch.nn.Module | None) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import spy_layer_loads
+from conftest import random_tokens, spy_layer_loads
 
 from depthprune.cli import main
-from depthprune.data import load_calibration, pack
+from depthprune.data import load_calibration
 from depthprune.errors import InputError
 from depthprune.evaluate import evaluate, parse_task, task_score
 from depthprune.evaluate.perplexity import PerplexityConfig, perplexity
@@ -40,19 +40,6 @@ REL = 1e-5
 # add up to one, so its error is at most twice a value's.
 ABS = 5e-7
 CHUNKED = StreamConfig(head_chunk=96)  # the 320-token vocabulary spans four chunks
-TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat. " * 40
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text(TEXT)
-    return path
-
-
-def _tokens(n: int = 5, t: int = 24, vocab: int = 320) -> Any:
-    g = torch.Generator().manual_seed(1)
-    return pack(torch.randint(3, vocab, (n * t,), generator=g).tolist(), n, t)
 
 
 def _scores(n_layers: int) -> dict[str, Any]:
@@ -69,10 +56,10 @@ def _scores(n_layers: int) -> dict[str, Any]:
 
 
 def test_streamed_sweep_equals_in_memory_and_reads_each_layer_once(
-    sharded_llama: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sharded_llama: Path, stream_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm = load_model(sharded_llama)
-    tasks = (f"ppl:{text_file},seq_len=32,max_tokens=200,batch_size=2",)  # a short last window: padding
+    tasks = (f"ppl:{stream_text_file},seq_len=32,max_tokens=200,batch_size=2",)  # a short last window: padding
     config = SweepConfig(metrics=("up", "down"), units="block,attn,mlp", max_remove=3, tasks=tasks, show_progress=False)
 
     def evaluator(model: Any) -> dict[str, dict[str, Any]]:
@@ -119,12 +106,12 @@ def test_stories260k_sweep_points_match_in_memory(stories_lm: Any, stories_dir: 
 
 
 def test_cli_sweep_stream_matches_and_refuses_other_tasks(
-    sharded_llama: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sharded_llama: Path, stream_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps(_scores(4)))
     common = ["-q", "sweep", str(sharded_llama), "--scores", str(scores), "--metrics", "up", "--units", "attn", "--max-remove", "2"]
-    ppl = ["--tasks", f"ppl:{text_file},seq_len=32,max_tokens=128"]
+    ppl = ["--tasks", f"ppl:{stream_text_file},seq_len=32,max_tokens=128"]
     assert main([*common, *ppl, "-o", str(tmp_path / "a")]) == 0
     assert main([*common, *ppl, "--stream", "-o", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / d / "sweep.json").read_text())["points"]["attn"]["up"] for d in "ab")
@@ -133,7 +120,7 @@ def test_cli_sweep_stream_matches_and_refuses_other_tasks(
         (task,) = pa["results"]
         assert pb["results"][task]["score"] == pytest.approx(pa["results"][task]["score"], rel=REL)
     capsys.readouterr()
-    assert main([*common, "--tasks", f"hellaswag:{text_file}", "--stream", "-o", str(tmp_path / "c")]) == 2
+    assert main([*common, "--tasks", f"hellaswag:{stream_text_file}", "--stream", "-o", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "perplexity (ppl:) tasks only" in err[0]
     assert not (tmp_path / "c").exists()
@@ -144,7 +131,7 @@ def test_cli_sweep_stream_matches_and_refuses_other_tasks(
 
 @pytest.mark.parametrize("value_cls", [LossValue, KLValue])
 def test_a_round_of_coalitions_equals_in_memory_in_one_pass(sharded_llama: Path, value_cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _tokens()
+    data = random_tokens()
     players = [Unit(k, i) for i in range(4) for k in ("attn", "mlp")]
     lm = load_model(sharded_llama)
     mem = ModelGame(ModelLayout.of(lm.model), value_cls(data), players, absent=(), batch_size=2)
@@ -163,7 +150,7 @@ def test_a_round_of_coalitions_equals_in_memory_in_one_pass(sharded_llama: Path,
 
 @pytest.mark.parametrize(("estimator", "kinds"), [("exact", ("block",)), ("permutation", ("attn", "mlp"))])
 def test_streamed_shapley_values_equal_in_memory(sharded_llama: Path, estimator: str, kinds: tuple[str, ...]) -> None:
-    data = _tokens()
+    data = random_tokens()
     players = [Unit(k, i) for i in range(4) for k in kinds]
     config = ShapleyConfig(estimator=estimator, seed=7, batch_size=2, max_samples=None if estimator == "exact" else 4)
     lm = load_model(sharded_llama)
@@ -196,8 +183,8 @@ def test_stories260k_shapley_matches_in_memory(stories_lm: Any, stories_dir: Pat
     assert streamed.layer_reads == game.rounds * layout.n_layers
 
 
-def test_cli_shapley_stream_matches_and_refuses(sharded_llama: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["-q", "shapley", str(sharded_llama), "--data", str(text_file), "--samples", "3", "--seq-len", "16", "--estimator", "exact"]
+def test_cli_shapley_stream_matches_and_refuses(sharded_llama: Path, stream_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["-q", "shapley", str(sharded_llama), "--data", str(stream_text_file), "--samples", "3", "--seq-len", "16", "--estimator", "exact"]
     assert main([*common, "-o", str(tmp_path / "a.json")]) == 0
     assert main([*common, "--stream", "-o", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
@@ -212,10 +199,10 @@ def test_cli_shapley_stream_matches_and_refuses(sharded_llama: Path, text_file: 
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.json").exists()
 
 
-def test_perplexity_config_is_shared_by_every_point(sharded_llama: Path, text_file: Path) -> None:
+def test_perplexity_config_is_shared_by_every_point(sharded_llama: Path, stream_text_file: Path) -> None:
     """Points differ only in their masks: same windows, same number of scored tokens."""
     lm = load_model(sharded_llama)
-    spec = parse_task(f"ppl:{text_file},seq_len=32,max_tokens=100", {"show_progress": False})
+    spec = parse_task(f"ppl:{stream_text_file},seq_len=32,max_tokens=100", {"show_progress": False})
     assert isinstance(spec.config, PerplexityConfig)
     got = evaluate_points_streamed(open_streamed(str(sharded_llama)), lm.tokenizer, [spec], [[], [Unit("block", 1)]])
     assert got[0][spec.text]["n_scored"] == got[1][spec.text]["n_scored"] > 0
@@ -227,7 +214,7 @@ def test_score_stream_computes_shapley_like_in_memory(sharded_llama: Path) -> No
     from depthprune.score.values import ValueConfig
     from depthprune.streamed import score_streamed
 
-    data = _tokens()
+    data = random_tokens()
     shap = ShapleyConfig(estimator="permutation", seed=3, batch_size=2, max_samples=4)
     config = ScoreConfig(metrics=("cosine", "loo_loss", "shapley"), units=("attn", "mlp"), shapley=shap, value=ValueConfig("kl"), batch_size=2, show_progress=False)
     expected = score(load_model(sharded_llama).model, data, config)
@@ -245,7 +232,7 @@ def test_score_stream_computes_shapley_like_in_memory(sharded_llama: Path) -> No
 
 
 @pytest.mark.slow  # two torchrun launches: about 20 s on the shared 2-core machine
-def test_two_gloo_ranks_stream_shapley_and_sweep_like_one_process(sharded_llama: Path, text_file: Path, tmp_path: Path) -> None:
+def test_two_gloo_ranks_stream_shapley_and_sweep_like_one_process(sharded_llama: Path, stream_text_file: Path, tmp_path: Path) -> None:
     """torchrun, 2 ranks: Shapley's 3 batches split 2 + 1, the sweep's 4 windows 2 + 2; sums over ranks."""
     import os
     import subprocess
@@ -255,10 +242,10 @@ def test_two_gloo_ranks_stream_shapley_and_sweep_like_one_process(sharded_llama:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps(_scores(4)))
-    shap = ["shapley", str(sharded_llama), "--data", str(text_file), "--samples", "5", "--seq-len", "16", "--batch-size", "2",
+    shap = ["shapley", str(sharded_llama), "--data", str(stream_text_file), "--samples", "5", "--seq-len", "16", "--batch-size", "2",
             "--estimator", "exact", "--value", "kl", "--stream"]
     swp = ["sweep", str(sharded_llama), "--scores", str(scores), "--metrics", "up", "--units", "mlp", "--max-remove", "2",
-           "--tasks", f"ppl:{text_file},seq_len=32,max_tokens=128,batch_size=1", "--stream"]
+           "--tasks", f"ppl:{stream_text_file},seq_len=32,max_tokens=128,batch_size=1", "--stream"]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     for args, out in ((shap, "s.json"), (swp, "w")):
