@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,21 +313,12 @@ def atomic_dir(
         InputError, WriteError: see :func:`check_target` and :func:`os_errors`.
     """
     path = check_output(out, force, "dir", models, inputs).absolute()
-    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch folder
-        with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
-            yield Path(scratch)
-        return
-    with os_errors(out):
-        clean_stale(path)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
-    try:
-        with os_errors(out):
-            yield tmp
-            _apply_umask(tmp)
-            _commit(tmp, path, force)
-    except BaseException:
-        _remove(tmp)
-        raise
+
+    def make_tmp() -> Path:
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+
+    with _staged(out, path, force, make_tmp, lambda scratch: scratch) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -337,15 +328,34 @@ def atomic_file(
     """Yield a temporary file path (with ``out``'s suffix) that becomes ``out`` only if the
     block succeeds; as :func:`atomic_dir`, for one file."""
     path = check_output(out, force, "file", models, inputs).absolute()
-    if not is_writer():  # under torchrun only rank 0 writes; others get a scratch file
+
+    def make_tmp() -> Path:
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        return Path(name)
+
+    with _staged(out, path, force, make_tmp, lambda scratch: scratch / path.name) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _staged(
+    out: PathLike, path: Path, force: bool, make_tmp: Callable[[], Path], in_scratch: Callable[[Path], Path]
+) -> Iterator[Path]:
+    """The staging shared by :func:`atomic_dir` and :func:`atomic_file`.
+
+    Removes this output's stale leftovers, yields a temporary sibling made by ``make_tmp``,
+    and commits it to ``path`` (no-replace unless ``force``) when the block succeeds; on any
+    error the temporary is removed and an ``OSError`` becomes a ``WriteError``. Under
+    torchrun, ranks other than 0 get ``in_scratch(folder)`` in a scratch folder instead.
+    """
+    if not is_writer():  # under torchrun only rank 0 writes
         with tempfile.TemporaryDirectory(prefix="depthprune-rank-") as scratch:
-            yield Path(scratch) / path.name
+            yield in_scratch(Path(scratch))
         return
     with os_errors(out):
         clean_stale(path)
-        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-    tmp = Path(name)
+        tmp = make_tmp()
     try:
         with os_errors(out):
             yield tmp
