@@ -22,7 +22,11 @@ from depthprune.data import (
 from depthprune.distributed import is_writer
 from depthprune.errors import InputError, check_choice
 from depthprune.export import EXPORT_FORMATS, ExportFormat, export
-from depthprune.gguf_export import check_gguf_family, check_gguf_plan, check_gguf_type
+from depthprune.gguf_export import (
+    check_gguf_emulators,
+    check_gguf_family,
+    check_gguf_type,
+)
 from depthprune.identity import check_made_for
 from depthprune.loading import LoadConfig, load_config, load_model
 from depthprune.nemotron_nas import (
@@ -42,7 +46,7 @@ from depthprune.recover.emulate import (
 from depthprune.recover.fold import FoldResult, fold_
 from depthprune.recover.install import check_replacements
 from depthprune.recover.select import DEFAULT_HELDOUT, select_emulators, split_tail
-from depthprune.units import Unit, parse_units, removed_paths
+from depthprune.units import Unit, parse_units
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +231,7 @@ def prune_model(load: LoadConfig, prune: PruneConfig) -> PruneResult:
         # export); a low-rank emulator reads the stream and never folds.
         check_gguf_family(spec, config)
         never_fold = [f"{u} -> {r}" for u, r in entries if parse_replace(r)[0] == "lowrank"]
-        check_gguf_plan(removed_paths(table), never_fold)
+        check_gguf_emulators(never_fold)
     if not emulated and prune.export_format == "hf" and prune.rewrite_shards:
         rewritten = _prune_on_disk(load, prune, config, local, spec, table, plan_doc, entries, sources)
         if rewritten is not None:

@@ -15,7 +15,8 @@ The tokenizer is embedded (``tokenizer.ggml.*``) from the Hugging Face tokenizer
 SentencePiece-style BPE with byte fallback as ``llama``. ``depthprune.json``'s content is stored under the metadata key
 ``depthprune.manifest``.
 
-What this format refuses, before anything is written (see :func:`check_gguf_plan`):
+What this format refuses, before anything is written (:func:`check_gguf_emulators`,
+:func:`check_gguf_family`):
 
 * emulators that stay modules (llama.cpp has no module for an update computed from the
   residual stream); emulators folded into stock weights (:mod:`depthprune.recover.fold`)
@@ -56,7 +57,7 @@ from depthprune.gguf_vocab import add_tokenizer, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_TYPES", "GGUFLayer", "check_gguf_plan", "estimate_gguf_bytes", "gguf_layers", "write_gguf"]
+__all__ = ["GGUF_TYPES", "GGUFLayer", "check_gguf_emulators", "estimate_gguf_bytes", "gguf_layers", "write_gguf"]
 
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16")
 # Width of the zero MLP written for a layer that keeps its attention but lost its MLP: a
@@ -124,16 +125,17 @@ def check_gguf_family(spec: ArchSpec, config: Any) -> None:
         raise InputError(f"this model's MLP activation is {act!r}; llama.cpp's llama/deci graphs use SiLU; use --format hf")
 
 
-def check_gguf_plan(removed: dict[int, set[str]], emulated: list[str]) -> None:
-    """Refuse a plan that llama.cpp would run wrong, before any weights are loaded.
+def check_gguf_emulators(emulated: list[str]) -> None:
+    """Refuse emulators that stay modules (llama.cpp has none), before any weights are loaded.
+
+    Every removal itself is expressible: see :func:`_as_written` for the layers llama.cpp
+    cannot declare as absent.
 
     Args:
-        removed: Original layer index -> sublayer kinds removed there (``attn``, ``mlp``);
-            a whole block is both.
-        emulated: ``"unit -> replacement"`` descriptions of emulated units.
+        emulated: ``"unit -> replacement"`` descriptions of emulators that stay modules.
 
     Raises:
-        InputError: emulators that stay modules.
+        InputError: ``emulated`` is not empty.
     """
     if emulated:
         raise InputError(
@@ -172,7 +174,7 @@ def _removed_slots(model: nn.Module) -> dict[int, set[str]]:
         if entry["replace"] != "none":
             emulated.append(f"{entry['unit']} -> {entry['replace']}")
         out.setdefault(int(entry["layer"]), set()).update(("attn", "mlp") if kind == "block" else (kind,))
-    check_gguf_plan({}, emulated)
+    check_gguf_emulators(emulated)
     return out
 
 
